@@ -1,0 +1,105 @@
+"""LAPE throughput on a model (default: the embedded Gemma 3 270M): tokens/s, wall time, and the time
+projected for the target workload of 8 languages x 30k tokens. Writes a JSON result file.
+
+    python -m lape_awq.bench.lape_speed [--model PATH] [--dtype auto] [--tokens N] [--seq-len N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lape_awq.quant.commands import add_model_argument, add_sampling_arguments
+from lape_awq.quant.lape import LapeOptions
+from lape_awq.quant.model_loading import load_causal_lm, pick_dtype, resolve_model_dir
+from lape_awq.quant.neuron_finder import SamplingSettings, find_language_neurons
+from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, language_texts
+
+TARGET_TOKENS = 8 * 30_000
+TARGET_SECONDS = 300.0
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_argument(parser)
+    parser.add_argument("--dtype", default="auto")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    model_dir = resolve_model_dir(args.model)
+    dtype = pick_dtype(args.dtype)
+    load_start = time.perf_counter()
+    model, tokenizer = load_causal_lm(model_dir, dtype)
+    load_seconds = time.perf_counter() - load_start
+    texts = language_texts(list(DEFAULT_LANGUAGES), {})
+    sampling = SamplingSettings(args.tokens, args.seq_len, args.batch_size, args.seed)
+    start = time.perf_counter()
+    result = find_language_neurons(model, tokenizer, texts, LapeOptions(), sampling)
+    seconds = time.perf_counter() - start
+    tokens = int(result.tokens.sum())
+    rate = tokens / seconds
+    record = {
+        "benchmark": "lape_speed",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "model": str(model_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "sampling": vars(sampling),
+        "tokens_per_language": dict(zip(result.languages, result.tokens.tolist(), strict=True)),
+        "tokens": tokens,
+        "load_seconds": round(load_seconds, 2),
+        "lape_seconds": round(seconds, 2),
+        "tokens_per_second": round(rate, 1),
+        "projected_seconds_8x30k": round(TARGET_TOKENS / rate, 1),
+        "target_seconds_8x30k": TARGET_SECONDS,
+        "korean_neurons": int(result.selection.language_mask[result.languages.index("ko")].sum()),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = (
+        args.out
+        / f"lape_speed_{record['date'][:10]}_{record['dtype']}_s{args.seq_len}_b{args.batch_size}.json"
+    )
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernels: fused W4 dequant-GEMM with the sparse FP16 neuron correction (pure math on tensors)."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of AWQ / AWQ-opt checkpoints, with hot swap (HTTP, models and engines)."""
