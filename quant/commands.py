@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from lape_awq.quant.errors import UserError
@@ -103,13 +102,10 @@ def add_neurons_command(sub: _SubParsers) -> None:
 
 
 def _run_neurons(args: argparse.Namespace) -> None:
-    import torch
-
-    from lape_awq.quant.model_loading import config_hash, load_causal_lm, pick_dtype, resolve_model_dir
-    from lape_awq.quant.neuron_finder import SamplingSettings, find_language_neurons, require_languages
-    from lape_awq.quant.neurons_file import NeuronsFile
+    from lape_awq.quant.model_loading import pick_dtype, resolve_model_dir
+    from lape_awq.quant.neuron_finder import SamplingSettings, require_languages
+    from lape_awq.quant.neurons_job import default_neurons_path, find_and_save_neurons
     from lape_awq.quant.neurons_report import summary_lines, write_plot
-    from lape_awq.quant.paths import home_dir
     from lape_awq.quant.text_sources import language_texts, parse_text_args
 
     require_languages(args.langs)
@@ -118,36 +114,13 @@ def _run_neurons(args: argparse.Namespace) -> None:
     options = LapeOptions(args.top_rate, args.filter_rate, args.activation_bar_ratio)
     sampling = SamplingSettings(args.tokens, args.seq_len, args.batch_size, args.seed)
     texts = language_texts(args.langs, parse_text_args(args.text))
-    dtype = pick_dtype(args.dtype)
+    pick_dtype(args.dtype)  # refuse a bad --dtype before the model is prepared
     model_dir = resolve_model_dir(args.model)
-    out = args.out or home_dir() / "neurons" / f"{model_dir.name}.neurons.safetensors"
-
-    model, tokenizer = load_causal_lm(model_dir, dtype)
-    started = time.perf_counter()
-    result = find_language_neurons(model, tokenizer, texts, options, sampling, progress=not args.quiet)
-    seconds = time.perf_counter() - started
-    total_tokens = int(result.tokens.sum())
-    metadata = {
-        "model": {
-            "path": str(model_dir.resolve()),
-            "architecture": type(model).__name__,
-            "config_sha256": config_hash(model.config),
-        },
-        "texts": {t.lang: t.describe() for t in texts},
-        "options": vars(options),
-        "sampling": vars(sampling),
-        "dtype": str(dtype).removeprefix("torch."),
-        "thresholds": {
-            "filter": result.selection.filter_threshold,
-            "activation_bar": result.selection.activation_bar,
-        },
-        "torch": torch.__version__,
-    }
-    nf = NeuronsFile(
-        result.languages, result.over_zero, result.tokens, result.selection.entropy,
-        result.selection.language_mask, metadata,
-    )  # fmt: skip
-    nf.save(out)
+    out = args.out or default_neurons_path(model_dir)
+    nf, seconds = find_and_save_neurons(
+        model_dir, out, texts, options, sampling, args.dtype, progress=not args.quiet
+    )
+    total_tokens = int(nf.tokens.sum())
     for line in summary_lines(nf, args.target):
         print(line)
     print(f"LAPE over {total_tokens:,} tokens in {seconds:.1f}s ({total_tokens / seconds:,.0f} tokens/s)")

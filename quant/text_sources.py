@@ -74,8 +74,10 @@ def builtin_text(lang: str, split: Split = "fit") -> LanguageText:
     if folder is None:
         known = ", ".join(sorted(BUILTIN_LANGUAGES))
         raise UserError(f"unknown language code {lang!r}: give --text {lang}=FILE, or one of: {known}")
-    path = _builtin_root() / folder / f"{folder}.txt"
-    text = "\n\n".join(split_paragraphs(paragraphs(path.read_text(encoding="utf-8")), split))
+    # The main file first, then any extra topics the package ships (English has five more).
+    files = sorted((_builtin_root() / folder).glob("*.txt"), key=lambda f: (f.stem != folder, f.name))
+    paras = [p for f in files for p in paragraphs(f.read_text(encoding="utf-8"))]
+    text = "\n\n".join(split_paragraphs(paras, split))
     return LanguageText(lang, text, f"dataset-build:{folder}", split)
 
 

@@ -1,0 +1,68 @@
+"""Asymmetric 4-bit group quantization of nn.Linear weights ([out, in], groups along `in`), with kept
+(FP16) rows or columns that the quantizer must reproduce exactly and leave out of group statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_CODE = 15
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    """codes int32 [out, in] (0..15), zeros int32 [out, in/g], scales float32 [out, in/g] (fp16-exact)."""
+
+    codes: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        zeros = self.zeros.repeat_interleave(g, dim=1)
+        return (self.codes - zeros).to(self.scales.dtype) * self.scales.repeat_interleave(g, dim=1)
+
+
+def quantize_groups(w: torch.Tensor, group_size: int, skip_cols: torch.Tensor | None = None) -> GroupQuant:
+    """AWQ's min/max quantizer. Columns in `skip_cols` (bool [in]) do not enter their group's min/max
+    (their codes are whatever the clamp gives; the sparse FP16 part corrects them). Scales are rounded
+    to fp16 before the codes are computed, so the checkpoint dequantizes to exactly this."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of group size {group_size}")
+    w = w.float()
+    grouped = w.reshape(out_features, -1, group_size)
+    if skip_cols is None:
+        wmax, wmin = grouped.amax(dim=-1), grouped.amin(dim=-1)
+    else:
+        skip = skip_cols.reshape(1, -1, group_size)
+        wmax = grouped.masked_fill(skip, -torch.inf).amax(dim=-1)
+        wmin = grouped.masked_fill(skip, torch.inf).amin(dim=-1)
+        empty = torch.isinf(wmax)  # a group whose every column is kept
+        wmax, wmin = wmax.masked_fill(empty, 0.0), wmin.masked_fill(empty, 0.0)
+    wmax, wmin = wmax.clamp_min(0.0), wmin.clamp_max(0.0)  # zero stays representable
+    scales = ((wmax - wmin).clamp_min(1e-5) / MAX_CODE).half().float()
+    zeros = (-torch.round(wmin / scales)).clamp(0, MAX_CODE)
+    codes = (torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, MAX_CODE)
+    return GroupQuant(codes.reshape(w.shape).int(), zeros.int(), scales, group_size)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    group_size: int,
+    keep_rows: torch.Tensor | None = None,
+    keep_cols: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize `w`, with kept rows / columns (int64 indices) restored exactly."""
+    skip = None
+    if keep_cols is not None and keep_cols.numel():
+        skip = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+        skip[keep_cols] = True
+    out = quantize_groups(w, group_size, skip).dequantize().to(w.dtype)
+    if keep_rows is not None and keep_rows.numel():
+        out[keep_rows] = w[keep_rows]
+    if skip is not None:
+        out[:, skip] = w[:, skip]
+    return out

@@ -1,0 +1,179 @@
+"""Checkpoint: written atomically, loads back to the same logits, and every corruption is refused with
+a message naming what is wrong."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import build_tiny_model
+from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
+from lape_awq.quant.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
+    load_quantized_model,
+    read_checkpoint,
+    write_checkpoint,
+)
+from lape_awq.quant.errors import UserError
+from lape_awq.quant.quantizer import QuantSpec, quantize_model
+from lape_awq.quant.w4_modules import W4Linear, install_quantized
+
+KEPT = [torch.tensor([3, 64, 127]), torch.tensor([0, 8])]
+
+
+def quantized_tiny(tokenizer, arch: str, kept: list[torch.Tensor] | None) -> tuple[nn.Module, dict]:
+    model = build_tiny_model(arch, len(tokenizer))
+    calib = calibration_batch(tokenizer, CalibrationSpec(("ko", "en"), 4, 64))
+    return model, quantize_model(model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False)
+
+
+def write(out: Path, model: nn.Module, tokenizer, quantized: dict, kept: list[torch.Tensor] | None) -> None:
+    sparse = None
+    if kept is not None:
+        sparse = {"languages": ["ko"], "selection": "lape", "dtype": "float16",
+                  "projections": ["gate_proj", "up_proj", "down_proj"],
+                  "neurons_per_layer": [k.numel() for k in kept]}  # fmt: skip
+    write_checkpoint(out, model, tokenizer, quantized, 32, sparse, {"method": "test"})
+
+
+@pytest.mark.parametrize(("arch", "opt"), [("llama", False), ("gemma3", True), ("qwen2", True)])
+def test_save_load_gives_the_same_logits(arch: str, opt: bool, tokenizer, tmp_path: Path) -> None:
+    kept = KEPT if opt else None
+    model, quantized = quantized_tiny(tokenizer, arch, kept)
+    write(tmp_path / "ckpt", model, tokenizer, quantized, kept)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == ("lape_awq" if opt else "awq")
+    # Right after quantization, with the dense tensors rounded to fp16 as the checkpoint stores them.
+    reference = copy.deepcopy(model)
+    install_quantized(reference, quantized)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())
+    loaded = load_quantized_model(tmp_path / "ckpt")
+    assert sum(isinstance(m, W4Linear) for m in loaded.modules()) == 14
+    ids = calibration_batch(tokenizer, CalibrationSpec(("ja",), 2, 48))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt"]  # no temp dir left
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("good") / "ckpt"
+    model, quantized = quantized_tiny(tokenizer, "llama", KEPT)
+    write(out, model, tokenizer, quantized, KEPT)
+    return out
+
+
+def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        tensors = load_file(path / WEIGHTS)
+        edit(tensors)
+        save_file(tensors, path / WEIGHTS)
+        (path / MANIFEST).unlink()  # no stale hash: the tensor checks themselves must catch it
+
+    return apply
+
+
+def _edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        edit(config)
+        (path / "config.json").write_text(json.dumps(config))
+
+    return apply
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray((path / WEIGHTS).read_bytes())
+    data[-3] ^= 0xFF
+    (path / WEIGHTS).write_bytes(bytes(data))
+
+
+MLP = "model.layers.0.mlp"
+CORRUPTIONS = {
+    "hash mismatch": (_flip_a_byte, "hash mismatch"),
+    "missing tensor": (
+        _edit_tensors(lambda t: t.pop(f"{MLP}.up_proj.scales")),
+        f"missing tensor {MLP}.up_proj.scales",
+    ),
+    "wrong shape": (
+        _edit_tensors(
+            lambda t: t.update({f"{MLP}.gate_proj.qweight": t[f"{MLP}.gate_proj.qweight"][:, :-1].clone()})
+        ),
+        f"tensor {MLP}.gate_proj.qweight has shape",
+    ),
+    "wrong dtype": (
+        _edit_tensors(lambda t: t.update({f"{MLP}.down_proj.scales": t[f"{MLP}.down_proj.scales"].float()})),
+        f"tensor {MLP}.down_proj.scales has dtype",
+    ),
+    "nan": (
+        _edit_tensors(lambda t: t[f"{MLP}.up_proj.sparse_rows"].view(-1).__setitem__(0, float("nan"))),
+        f"tensor {MLP}.up_proj.sparse_rows holds NaN",
+    ),
+    "index out of range": (
+        _edit_tensors(lambda t: t[f"{MLP}.sparse_neurons"].__setitem__(-1, 128)),
+        f"tensor {MLP}.sparse_neurons has indices outside",
+    ),
+    "unsorted index": (
+        _edit_tensors(
+            lambda t: t.update({f"{MLP}.sparse_neurons": t[f"{MLP}.sparse_neurons"].flip(0).clone()})
+        ),
+        f"tensor {MLP}.sparse_neurons is not strictly increasing",
+    ),
+    "unexpected tensor": (
+        _edit_tensors(lambda t: t.update({"extra.weight": torch.zeros(2)})),
+        "unexpected tensor",
+    ),
+    "config disagrees with tensors": (
+        _edit_config(lambda c: c["quantization_config"]["sparse"].update(neurons_per_layer=[3, 3])),
+        "has shape",
+    ),
+    "bad bit width": (
+        _edit_config(lambda c: c["quantization_config"].update(bits=8)),
+        "unsupported quantization",
+    ),
+    "not quantized": (_edit_config(lambda c: c.pop("quantization_config")), "no awq / lape_awq"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_checkpoints_are_refused(case: str, good_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good_checkpoint, bad)
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(bad)
+    with pytest.raises(UserError) as info:
+        read_checkpoint(bad)
+    assert message in str(info.value)
+
+
+def test_good_checkpoint_validates(good_checkpoint: Path) -> None:
+    config, tensors = read_checkpoint(good_checkpoint)
+    assert config["quantization_config"]["sparse"]["neurons_per_layer"] == [3, 2]
+    assert tensors[f"{MLP}.sparse_neurons"].tolist() == [3, 64, 127]
+
+
+def test_existing_output_and_failed_write_leave_nothing(tokenizer, tmp_path: Path) -> None:
+    model, quantized = quantized_tiny(tokenizer, "llama", None)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        write(tmp_path / "taken", model, tokenizer, quantized, None)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, _path: Path) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write(tmp_path / "ckpt", model, BrokenTokenizer(), quantized, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
