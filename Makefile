@@ -5,19 +5,25 @@ PIP := $(PYTHON) -m pip
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 CLASH := torchvision torchaudio torchcodec
 
-.PHONY: install install-test demo test lint bench-lape
+.PHONY: install install-test demo test lint bench-lape bench-pipeline
 
+# The editable build leaves lape_awq.egg-info in the source tree; with the tree on sys.path
+# (python -m pytest) its stale entry points would shadow the installed ones, so it goes.
 install:
 	$(PIP) install -q -e '.[cpu]'
 	$(PIP) uninstall -q -y $(CLASH)
+	rm -rf lape_awq.egg-info
 
 install-test:
 	$(PIP) install -q -e '.[cpu,test]'
 	$(PIP) uninstall -q -y $(CLASH)
+	rm -rf lape_awq.egg-info
 
-# Main job on the embedded default model: prepare Gemma 3 270M, find its Korean neurons.
+# Main job on the embedded default model: prepare Gemma 3 270M, find its Korean neurons, then write
+# its AWQ-opt checkpoint with the default recipe (replacing an earlier one).
 demo: install
 	lape-awq neurons --plot korean-neurons.png
+	lape-awq quantize --method awq-opt --overwrite
 
 lint:
 	$(PYTHON) -m ruff check .
@@ -28,3 +34,6 @@ test: install-test lint
 
 bench-lape: install
 	$(PYTHON) -m lape_awq.bench.lape_speed
+
+bench-pipeline: install
+	$(PYTHON) -m lape_awq.bench.pipeline_speed

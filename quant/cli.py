@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points, version
 
 from lape_awq.quant.errors import UserError
@@ -19,8 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('lape-awq')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            add_command = ep.load()
+        except ImportError as exc:  # one broken command must not take the others down
+            broken = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+            broken.set_defaults(run=_unavailable(ep.name, exc))
+            continue
+        add_command(sub)
     return parser
+
+
+def _unavailable(name: str, exc: ImportError) -> Callable[[argparse.Namespace], None]:
+    def run(_args: argparse.Namespace) -> None:
+        raise UserError(f"command {name!r} is unavailable: {exc}")
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
-from lape_awq.quant.checkpoint import sha256_file, write_checkpoint
-from lape_awq.quant.errors import UserError
+from lape_awq.quant.checkpoint import refuse_existing, sha256_file, write_checkpoint
 from lape_awq.quant.kept_neurons import check_same_model, language_neurons, random_like
 from lape_awq.quant.model_loading import config_hash, load_causal_lm
 from lape_awq.quant.neurons_file import NeuronsFile
@@ -42,12 +41,12 @@ def quantize_checkpoint(
     calib: CalibrationSpec,
     keep: KeepSpec | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Quantize the model in `model_dir` and write the checkpoint to `out`; returns its manifest.
     With `keep` the method is AWQ-opt (or RTN + kept neurons when spec.method is rtn)."""
     method = method_name(spec, keep)
-    if out.exists():
-        raise UserError(f"{out} already exists: choose another --out or remove it")
+    refuse_existing(out, overwrite)  # before minutes of work, not after
     model, tokenizer = load_causal_lm(model_dir, torch.float32)
     model_hash = config_hash(model.config)
     kept, keep_info = None, None
@@ -89,4 +88,4 @@ def quantize_checkpoint(
         "quant_spec": asdict(spec),
         "quantize_seconds": round(seconds, 1),
     }
-    return write_checkpoint(out, model, tokenizer, quantized, spec.group_size, sparse, manifest)
+    return write_checkpoint(out, model, tokenizer, quantized, spec.group_size, sparse, manifest, overwrite)

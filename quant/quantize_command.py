@@ -81,7 +81,7 @@ def _run_quantize(args: argparse.Namespace) -> None:
         neurons = args.neurons or ensure_neurons_file(model_dir, quiet=args.quiet)
         keep = KeepSpec(neurons, args.keep_lang, args.max_neurons, args.random_neurons, args.seed)
     out = args.out or home_dir() / "checkpoints" / f"{model_dir.name}-{args.method}"
-    manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, progress=not args.quiet)
+    manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite)
     sizes = manifest["sizes"]
     print(f"checkpoint: {out}")
     print(

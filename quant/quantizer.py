@@ -217,10 +217,15 @@ def _quantize_layer(
             "mlp.down_proj": feats["down"],
         }
         for name, xs in clip_inputs.items():
-            keep_cols = aware.get("down_proj") if name == "mlp.down_proj" else None
-            keep_rows = aware.get(name.split(".")[1]) if name != "mlp.down_proj" else None
-            max_val = search_clip(linears[name], xs, spec.group_size, keep_cols, spec.n_grid)
-            apply_clip(linears[name], max_val, spec.group_size, keep_cols, keep_rows)
+            down = name == "mlp.down_proj"
+            max_val = search_clip(
+                linears[name], xs, spec.group_size, aware.get("down_proj") if down else None
+            )
+            # Kept weights are never clipped: the residual restores them as they were, in either mode.
+            protect = sparse.get(name.split(".")[1])
+            apply_clip(
+                linears[name], max_val, spec.group_size, protect if down else None, None if down else protect
+            )
     return outputs, {name: _quantize_linear(name, m, spec, sparse) for name, m in linears.items()}
 
 

@@ -35,13 +35,20 @@ def quantized_tiny(tokenizer, arch: str, kept: list[torch.Tensor] | None) -> tup
     return model, quantize_model(model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False)
 
 
-def write(out: Path, model: nn.Module, tokenizer, quantized: dict, kept: list[torch.Tensor] | None) -> None:
+def write(
+    out: Path,
+    model: nn.Module,
+    tokenizer,
+    quantized: dict,
+    kept: list[torch.Tensor] | None,
+    overwrite: bool = False,
+) -> None:
     sparse = None
     if kept is not None:
         sparse = {"languages": ["ko"], "selection": "lape", "dtype": "float16",
                   "projections": ["gate_proj", "up_proj", "down_proj"],
                   "neurons_per_layer": [k.numel() for k in kept]}  # fmt: skip
-    write_checkpoint(out, model, tokenizer, quantized, 32, sparse, {"method": "test"})
+    write_checkpoint(out, model, tokenizer, quantized, 32, sparse, {"method": "test"}, overwrite)
 
 
 @pytest.mark.parametrize(("arch", "opt"), [("llama", False), ("gemma3", True), ("qwen2", True)])
@@ -176,4 +183,10 @@ def test_existing_output_and_failed_write_leave_nothing(tokenizer, tmp_path: Pat
 
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path / "ckpt", model, BrokenTokenizer(), quantized, None)
+    with pytest.raises(OSError, match="disk full"):
+        write(tmp_path / "taken", model, BrokenTokenizer(), quantized, None, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert not list((tmp_path / "taken").iterdir())  # a failed overwrite keeps the old one as it was
+    write(tmp_path / "taken", model, tokenizer, quantized, None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    read_checkpoint(tmp_path / "taken")
