@@ -58,11 +58,22 @@ def _run_model_path(_args: argparse.Namespace) -> None:
         print("(not prepared yet: run `lape-awq model prepare`)", file=sys.stderr)
 
 
-def _languages(value: str) -> list[str]:
-    langs = [x.strip() for x in value.split(",") if x.strip()]
-    if not langs:
-        raise argparse.ArgumentTypeError("give a comma-separated list of language codes")
-    return langs
+def csv_list(value: str) -> list[str]:
+    """argparse type for `a,b,c`."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give a comma-separated list")
+    return items
+
+
+def add_langs_argument(parser: argparse.ArgumentParser) -> None:
+    """`--langs`, defaulting to the 8 built-in languages."""
+    parser.add_argument(
+        "--langs",
+        type=csv_list,
+        default=list(DEFAULT_LANGUAGES),
+        help=f"comma-separated language codes (default: {','.join(DEFAULT_LANGUAGES)})",
+    )
 
 
 def add_neurons_command(sub: _SubParsers) -> None:
@@ -76,12 +87,7 @@ def add_neurons_command(sub: _SubParsers) -> None:
     parser.add_argument(
         "--out", type=Path, help="neurons file to write (default: in $LAPE_AWQ_HOME/neurons/)"
     )
-    parser.add_argument(
-        "--langs",
-        type=_languages,
-        default=list(DEFAULT_LANGUAGES),
-        help=f"comma-separated language codes (default: {','.join(DEFAULT_LANGUAGES)})",
-    )
+    add_langs_argument(parser)
     parser.add_argument(
         "--text", action="append", default=[], metavar="LANG=FILE",
         help="your own UTF-8 text for a language (repeatable); others use the built-in corpus",

@@ -8,19 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lape_awq.quant.commands import add_model_argument
+from lape_awq.quant.commands import add_langs_argument, add_model_argument
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.evaluation import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, FP_NAME, check_settings
-from lape_awq.quant.text_sources import DEFAULT_LANGUAGES
 
 DEFAULT_OUT = Path("eval-results")
-
-
-def _languages(value: str) -> list[str]:
-    langs = [x.strip() for x in value.split(",") if x.strip()]
-    if not langs:
-        raise argparse.ArgumentTypeError("give a comma-separated list of language codes")
-    return langs
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +27,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
         help="a checkpoint directory (repeatable); shown as its directory name unless NAME= is given",
     )  # fmt: skip
-    parser.add_argument(
-        "--langs",
-        type=_languages,
-        default=list(DEFAULT_LANGUAGES),
-        help=f"comma-separated language codes (default: {','.join(DEFAULT_LANGUAGES)})",
-    )
+    add_langs_argument(parser)
     parser.add_argument(
         "--text", action="append", default=[], metavar="LANG=FILE",
         help="your own held-out UTF-8 text for a language (repeatable); others use the built-in held-out one",

@@ -7,16 +7,9 @@ import json
 from pathlib import Path
 
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.commands import add_model_argument
+from lape_awq.quant.commands import add_model_argument, csv_list
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.quantizer import MLP_LINEARS, QuantSpec
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in value.split(",") if x.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("give a comma-separated list")
-    return items
 
 
 def add_quantize_command(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +26,18 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, help="checkpoint directory (default: $LAPE_AWQ_HOME/checkpoints/...)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out once the new checkpoint is done"
+    )
     parser.add_argument("--neurons", type=Path, help="neurons file (default: the model's, made if missing)")
-    parser.add_argument("--keep-lang", type=_csv, default=("ko",), help="languages whose neurons stay FP16")
+    parser.add_argument(
+        "--keep-lang", type=csv_list, default=("ko",), help="languages whose neurons stay FP16"
+    )
     parser.add_argument("--max-neurons", type=int, help="keep at most this many neurons (lowest LAPE first)")
     parser.add_argument("--random-neurons", action="store_true", help="control: same counts, random neurons")
     parser.add_argument(
         "--sparse-projections",
-        type=_csv,
+        type=csv_list,
         default=MLP_LINEARS,
         help="which MLP projections keep FP16 rows/columns",
     )
@@ -48,7 +46,7 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="searches ignore the kept neurons (quantize, then add residual)",
     )
-    parser.add_argument("--calib-langs", type=_csv, default=calib.langs, help="calibration language mix")
+    parser.add_argument("--calib-langs", type=csv_list, default=calib.langs, help="calibration language mix")
     parser.add_argument("--calib-samples", type=int, default=calib.samples)
     parser.add_argument("--calib-seqlen", type=int, default=calib.seqlen)
     parser.add_argument("--calib-text", type=Path, help="calibrate on this UTF-8 file instead")
@@ -69,17 +67,17 @@ def _run_quantize(args: argparse.Namespace) -> None:
         raise UserError("--neurons, --max-neurons and --random-neurons are for --method awq-opt")
     spec = QuantSpec(
         "rtn" if args.method == "rtn" else "awq", args.group_size, duo_scaling=not args.no_duo_scaling,
-        search_aware=not args.naive_sparse, sparse_projections=args.sparse_projections,
+        search_aware=not args.naive_sparse, sparse_projections=tuple(args.sparse_projections),
     )  # fmt: skip
     calib = CalibrationSpec(
-        args.calib_langs, args.calib_samples, args.calib_seqlen, args.seed,
+        tuple(args.calib_langs), args.calib_samples, args.calib_seqlen, args.seed,
         str(args.calib_text) if args.calib_text else None,
     )  # fmt: skip
     model_dir = resolve_model_dir(args.model)
     keep = None
     if opt:
         neurons = args.neurons or ensure_neurons_file(model_dir, quiet=args.quiet)
-        keep = KeepSpec(neurons, args.keep_lang, args.max_neurons, args.random_neurons, args.seed)
+        keep = KeepSpec(neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed)
     out = args.out or home_dir() / "checkpoints" / f"{model_dir.name}-{args.method}"
     manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite)
     sizes = manifest["sizes"]

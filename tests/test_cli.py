@@ -158,3 +158,39 @@ def test_module_entry_point_runs(tmp_path: Path) -> None:
         [sys.executable, "-m", "lape_awq.quant.cli", "--version"], capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("lape-awq ")
+
+
+def test_quantize_refuses_to_overwrite_unless_asked(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    model = tiny_model_dir("llama")
+    out = tmp_path / "rtn"
+    args = [
+        "quantize",
+        "--model",
+        str(model),
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0 and f"checkpoint: {out}" in stdout and "method rtn" in stdout
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    code, _, stderr = run_cli(capsys, *args)
+    assert code == 2 and "already exists" in stderr and "--overwrite" in stderr
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    code, _, _ = run_cli(capsys, *args, "--overwrite")
+    assert code == 0 and (out / "model.safetensors").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_quantize_mistakes(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    model = tiny_model_dir("llama")
+    code, _, stderr = run_cli(capsys, "quantize", "--model", str(model), "--method", "awq", "--neurons", "x")
+    assert code == 2 and "for --method awq-opt" in stderr
+    code, _, stderr = run_cli(
+        capsys, "quantize", "--model", str(model), "--method", "awq-opt", "--neurons", str(tmp_path / "none")
+    )
+    assert code == 2 and "neurons file not found" in stderr
