@@ -17,12 +17,6 @@ from lape_awq.quant.neurons_file import NeuronsFile
 from lape_awq.quant.quantizer import QuantSpec, quantize_model
 
 
-def method_name(spec: QuantSpec, keep: KeepSpec | None) -> str:
-    """rtn, awq, awq-opt (or rtn-opt); a random-neuron control gets a `-random` suffix."""
-    name = spec.method + ("-opt" if keep is not None else "")
-    return name + ("-random" if keep is not None and keep.random_control else "")
-
-
 @dataclass(frozen=True)
 class KeepSpec:
     """AWQ-opt's kept neurons: from a neurons file, for some languages, optionally capped or randomised."""
@@ -32,6 +26,12 @@ class KeepSpec:
     max_neurons: int | None = None
     random_control: bool = False
     seed: int = 0
+
+
+def method_name(spec: QuantSpec, keep: KeepSpec | None) -> str:
+    """rtn, awq, awq-opt (or rtn-opt); a random-neuron control gets a `-random` suffix."""
+    name = spec.method + ("-opt" if keep is not None else "")
+    return name + ("-random" if keep is not None and keep.random_control else "")
 
 
 def quantize_checkpoint(
@@ -47,11 +47,11 @@ def quantize_checkpoint(
     With `keep` the method is AWQ-opt (or RTN + kept neurons when spec.method is rtn)."""
     method = method_name(spec, keep)
     refuse_existing(out, overwrite)  # before minutes of work, not after
+    nf = NeuronsFile.load(keep.neurons_file) if keep is not None else None  # a bad file fails fast
     model, tokenizer = load_causal_lm(model_dir, torch.float32)
     model_hash = config_hash(model.config)
     kept, keep_info = None, None
-    if keep is not None:
-        nf = NeuronsFile.load(keep.neurons_file)
+    if keep is not None and nf is not None:
         check_same_model(nf, model_hash, str(keep.neurons_file))
         kept = language_neurons(nf, list(keep.langs), keep.max_neurons)
         if keep.random_control:
