@@ -20,8 +20,8 @@ from torch import nn
 from lape_awq.quant.atomic_dir import atomic_directory
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.model_loading import decoder_layers
-from lape_awq.quant.quantizer import MLP_LINEARS, QuantizedLinear
-from lape_awq.quant.w4_modules import W4Linear
+from lape_awq.quant.quantizer import QuantizedLinear, layer_linears
+from lape_awq.quant.w4_modules import W4Linear, sparse_kind
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "lape_awq_manifest.json"
@@ -68,7 +68,7 @@ def checkpoint_tensors(model: nn.Module, quantized: dict[str, QuantizedLinear]) 
             continue
         tensors[name] = p.detach().to(torch.float16).contiguous()
     for name, q in quantized.items():
-        kind = "cols" if name.endswith("down_proj") else "rows"
+        kind = sparse_kind(name)
         m = W4Linear.from_quantized(q, kind)
         tensors[f"{name}.qweight"] = m.qweight
         tensors[f"{name}.qzeros"] = m.qzeros
@@ -174,10 +174,9 @@ def _expected_layout(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...],
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     linears = {
-        f"model.layers.{i}.{part}.{n}": getattr(getattr(layer, part), n)
+        f"model.layers.{i}.{name}": lin
         for i, layer in enumerate(decoder_layers(skeleton))
-        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", MLP_LINEARS))
-        for n in names
+        for name, lin in layer_linears(layer).items()
     }
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -206,8 +205,10 @@ def _expected_layout(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...],
                 continue
             layout[f"model.layers.{i}.mlp.sparse_neurons"] = ((k,), torch.int32)
             for proj in sparse["projections"]:
-                kind = "cols" if proj == "down_proj" else "rows"
-                layout[f"model.layers.{i}.mlp.{proj}.sparse_{kind}"] = ((k, hidden), SPARSE_DTYPE)
+                layout[f"model.layers.{i}.mlp.{proj}.sparse_{sparse_kind(proj)}"] = (
+                    (k, hidden),
+                    SPARSE_DTYPE,
+                )
     return layout
 
 
@@ -251,25 +252,21 @@ def load_quantized_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.M
     projections = set(sparse.get("projections", ()))
     per_layer = sparse.get("neurons_per_layer", [])
     for i, layer in enumerate(decoder_layers(model)):
-        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", MLP_LINEARS)):
-            parent = getattr(layer, part)
-            for n in names:
-                lin = getattr(parent, n)
-                prefix = f"model.layers.{i}.{part}.{n}"
-                k = per_layer[i] if per_layer and part == "mlp" and n in projections else 0
-                kind = ("cols" if n == "down_proj" else "rows") if k else None
-                w4 = W4Linear(
-                    lin.in_features, lin.out_features, qc["group_size"], lin.bias is not None, k, kind
-                )
-                w4.qweight.copy_(tensors.pop(f"{prefix}.qweight"))
-                w4.qzeros.copy_(tensors.pop(f"{prefix}.qzeros"))
-                w4.scales.copy_(tensors.pop(f"{prefix}.scales"))
-                if lin.bias is not None:
-                    w4.bias.copy_(tensors.pop(f"{prefix}.bias"))
-                if k:
-                    w4.sparse_idx.copy_(tensors[f"model.layers.{i}.mlp.sparse_neurons"])
-                    w4.sparse.copy_(tensors.pop(f"{prefix}.sparse_{kind}"))
-                setattr(parent, n, w4.to(lin.weight.device))
+        for name, lin in layer_linears(layer).items():
+            part, n = name.split(".")
+            prefix = f"model.layers.{i}.{name}"
+            k = per_layer[i] if per_layer and part == "mlp" and n in projections else 0
+            kind = sparse_kind(n) if k else None
+            w4 = W4Linear(lin.in_features, lin.out_features, qc["group_size"], lin.bias is not None, k, kind)
+            w4.qweight.copy_(tensors.pop(f"{prefix}.qweight"))
+            w4.qzeros.copy_(tensors.pop(f"{prefix}.qzeros"))
+            w4.scales.copy_(tensors.pop(f"{prefix}.scales"))
+            if lin.bias is not None:
+                w4.bias.copy_(tensors.pop(f"{prefix}.bias"))
+            if k:
+                w4.sparse_idx.copy_(tensors[f"model.layers.{i}.mlp.sparse_neurons"])
+                w4.sparse.copy_(tensors.pop(f"{prefix}.sparse_{kind}"))
+            setattr(getattr(layer, part), n, w4.to(lin.weight.device))
         tensors.pop(f"model.layers.{i}.mlp.sparse_neurons", None)
     filled = {
         f"{name}.{b}"

@@ -139,14 +139,17 @@ def quantize_model(
         keep = kept[i] if kept is not None else torch.empty(0, dtype=torch.long)
         if rtn:
             sparse = _sparse(spec, keep)
-            quantized = {name: _quantize_linear(name, m, spec, sparse) for name, m in _linears(layer).items()}
+            quantized = {
+                name: _quantize_linear(name, m, spec, sparse) for name, m in layer_linears(layer).items()
+            }
         else:
             inputs, quantized = _quantize_layer(layer, inputs, calls[i], spec, keep)
         result.update({f"model.layers.{i}.{name}": q for name, q in quantized.items()})
     return result
 
 
-def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The seven quantized linears of a decoder layer, keyed `self_attn.q_proj` ... `mlp.down_proj`."""
     linears = {f"self_attn.{n}": getattr(layer.self_attn, n) for n in ATTN_LINEARS}
     return linears | {f"mlp.{n}": getattr(layer.mlp, n) for n in MLP_LINEARS}
 
@@ -160,7 +163,7 @@ def _quantize_layer(
     layer: nn.Module, inputs: list[torch.Tensor], calls: list, spec: QuantSpec, keep: torch.Tensor
 ) -> tuple[list[torch.Tensor], dict[str, QuantizedLinear]]:
     attn, mlp = layer.self_attn, layer.mlp
-    linears = _linears(layer)
+    linears = layer_linears(layer)
     feats: dict[str, list[torch.Tensor]] = {"attn": [], "o": [], "mlp": [], "down": []}
     attn_calls: list[tuple[tuple, dict]] = []
 

@@ -14,6 +14,11 @@ from lape_awq.quant.quantizer import QuantizedLinear
 SparseKind = Literal["rows", "cols"]
 
 
+def sparse_kind(proj: str) -> SparseKind:
+    """gate/up keep output rows; down keeps input columns."""
+    return "cols" if proj.endswith("down_proj") else "rows"
+
+
 class W4Linear(nn.Module):
     """y = x @ dequant(qweight, qzeros, scales) (+ bias) + sparse term, in x's dtype."""
 
@@ -80,5 +85,4 @@ def install_quantized(model: nn.Module, quantized: dict[str, QuantizedLinear]) -
     """Replace each named nn.Linear of `model` by its W4Linear."""
     for name, q in quantized.items():
         parent_name, _, child = name.rpartition(".")
-        kind: SparseKind = "cols" if child == "down_proj" else "rows"
-        setattr(model.get_submodule(parent_name), child, W4Linear.from_quantized(q, kind))
+        setattr(model.get_submodule(parent_name), child, W4Linear.from_quantized(q, sparse_kind(child)))
