@@ -9,14 +9,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-import torch
-
+from lape_awq.bench.run_info import git_commit, machine
 from lape_awq.quant.commands import add_model_argument, add_sampling_arguments
 from lape_awq.quant.lape import LapeOptions
 from lape_awq.quant.model_loading import load_causal_lm, pick_dtype, resolve_model_dir
@@ -25,31 +21,6 @@ from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, language_texts
 
 TARGET_TOKENS = 8 * 30_000
 TARGET_SECONDS = 300.0
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        cpu = names[0] if names else cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> None:

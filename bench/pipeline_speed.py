@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lape_awq.bench.lape_speed import git_commit, machine
+from lape_awq.bench.run_info import git_commit, machine
 from lape_awq.quant.calibration import CalibrationSpec
 from lape_awq.quant.commands import add_model_argument
 from lape_awq.quant.model_loading import resolve_model_dir

@@ -1,7 +1,7 @@
 """The W4 (+ sparse FP16) checkpoint: write atomically, validate strictly, load into transformers.
 
 Format: docs/checkpoint-format.md. Plain AWQ is AutoAWQ's "gemm" layout (`quant_method: awq`);
-AWQ-opt adds per-MLP sparse tensors (`quant_method: lape_awq`).
+AWQ-opt adds sparse tensors to the MLP linears (`quant_method: lape_awq`).
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ def checkpoint_tensors(model: nn.Module, quantized: dict[str, QuantizedLinear]) 
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias
         if m.sparse is not None:
-            mlp = name.rpartition(".")[0]
-            tensors[f"{mlp}.sparse_neurons"] = m.sparse_idx
+            tensors[f"{name}.sparse_idx"] = m.sparse_idx
             tensors[f"{name}.sparse_{kind}"] = m.sparse.to(SPARSE_DTYPE).contiguous()
     return tensors
 
@@ -99,6 +98,8 @@ def write_checkpoint(
     sparse_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".sparse_" in k)
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     config = model.config.to_dict()
+    # A model built from a config alone has no `architectures`; loaders (vLLM) pick the class from it.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     config["quantization_config"] = quantization_config(group_size, sparse)
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
@@ -203,8 +204,8 @@ def _expected_layout(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...],
         for i, k in enumerate(per_layer):
             if not k:
                 continue
-            layout[f"model.layers.{i}.mlp.sparse_neurons"] = ((k,), torch.int32)
             for proj in sparse["projections"]:
+                layout[f"model.layers.{i}.mlp.{proj}.sparse_idx"] = ((k,), torch.int32)
                 layout[f"model.layers.{i}.mlp.{proj}.sparse_{sparse_kind(proj)}"] = (
                     (k, hidden),
                     SPARSE_DTYPE,
@@ -232,7 +233,7 @@ def _validate_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor]) 
         )
     intermediate = _config_for_model(config).intermediate_size
     for name, t in tensors.items():
-        if name.endswith("sparse_neurons"):
+        if name.endswith(".sparse_idx"):
             idx = t.long()
             if idx.numel() and (idx.min() < 0 or idx.max() >= intermediate):
                 raise UserError(f"tensor {name} has indices outside [0, {intermediate})")
@@ -264,10 +265,9 @@ def load_quantized_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.M
             if lin.bias is not None:
                 w4.bias.copy_(tensors.pop(f"{prefix}.bias"))
             if k:
-                w4.sparse_idx.copy_(tensors[f"model.layers.{i}.mlp.sparse_neurons"])
+                w4.sparse_idx.copy_(tensors.pop(f"{prefix}.sparse_idx"))
                 w4.sparse.copy_(tensors.pop(f"{prefix}.sparse_{kind}"))
             setattr(getattr(layer, part), n, w4.to(lin.weight.device))
-        tensors.pop(f"model.layers.{i}.mlp.sparse_neurons", None)
     filled = {
         f"{name}.{b}"
         for name, m in model.named_modules()

@@ -1,16 +1,27 @@
-"""The `eval` subcommand: per-language perplexity, KL and top-1 agreement of checkpoints vs their model."""
+"""The `eval` subcommand: per-language perplexity, KL and top-1 agreement of checkpoints vs their model,
+and optionally a pairwise judge of their Korean answers."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lape_awq.quant.commands import add_langs_argument, add_model_argument
+from lape_awq.quant.commands import add_langs_argument, add_model_argument, csv_list
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.evaluation import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, FP_NAME, check_settings
+from lape_awq.quant.judge import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PARALLEL, KEY_ENV
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lape_awq.quant.judge import JudgeClient
+    from lape_awq.quant.judge_questions import Question
 
 DEFAULT_OUT = Path("eval-results")
 
@@ -38,7 +49,42 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: ./{DEFAULT_OUT})"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_judge_arguments(parser)
     parser.set_defaults(run=_run_eval)
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pairwise judge's options; all but --judge-url default to None so a stray one can be refused."""
+    judge = parser.add_argument_group(
+        "pairwise judge",
+        "MT-Bench-style win/tie/loss of every pair of models on Korean questions, judged by any "
+        "OpenAI-compatible endpoint; off unless --judge-url is given. Writes judge.md and judge.json "
+        "to --out.",
+    )
+    judge.add_argument("--judge-url", metavar="URL", help="the judge's API root, e.g. http://host:8000/v1")
+    judge.add_argument("--judge-key", metavar="KEY", help=f"its API key (default: ${KEY_ENV}, else EMPTY)")
+    judge.add_argument("--judge-model", metavar="NAME", help="judge model (default: the first it lists)")
+    judge.add_argument(
+        "--judge-questions", type=int, metavar="N",
+        help="at most N questions, balanced over the categories (default: all)",
+    )  # fmt: skip
+    judge.add_argument(
+        "--judge-categories", type=csv_list, metavar="CAT,...",
+        help="only these categories (writing, roleplay, reasoning, math, coding, extraction, stem, "
+        "humanities)",
+    )  # fmt: skip
+    judge.add_argument(
+        "--judge-question-file", type=Path, metavar="JSONL",
+        help="your own questions instead of the packaged ones (id, category, question[, reference] per line)",
+    )  # fmt: skip
+    judge.add_argument(
+        "--judge-max-tokens", type=int, metavar="N",
+        help=f"new tokens per answer (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )  # fmt: skip
+    judge.add_argument(
+        "--judge-parallel", type=int, metavar="N",
+        help=f"judge requests in flight at once (default: {DEFAULT_PARALLEL})",
+    )  # fmt: skip
 
 
 def parse_checkpoint_args(items: list[str]) -> dict[str, Path]:
@@ -80,6 +126,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     checkpoints = parse_checkpoint_args(args.checkpoint)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out must be a folder, got a file: {args.out}")
+    # The judge's questions and endpoint are checked before minutes of model loading and answering.
+    judge = _prepare_judge(args)
     model_dir = resolve_model_dir(args.model)
     with _transformers_bars(not args.quiet):
         fp_model, tokenizer = load_causal_lm(model_dir, torch.float32)
@@ -95,6 +143,68 @@ def _run_eval(args: argparse.Namespace) -> None:
     print(markdown(result))
     print(f"evaluated {len(result.models)} models x {len(result.langs)} languages in {seconds:.1f}s")
     print("results: " + ", ".join(str(p) for p in written.values()))
+    if judge is not None:
+        _run_judge(args, judge, {FP_NAME: fp_model, **quantized}, tokenizer, paths)
+
+
+_JUDGE_OPTIONS = (
+    "judge_key", "judge_model", "judge_questions", "judge_categories", "judge_question_file",
+    "judge_max_tokens", "judge_parallel",
+)  # fmt: skip
+
+
+@dataclass
+class _JudgeSetup:
+    """What the judge run needs, settled before any model is loaded."""
+
+    client: JudgeClient
+    questions: list[Question]
+    source: str  # "packaged" or the user file's path
+
+
+def _prepare_judge(args: argparse.Namespace) -> _JudgeSetup | None:
+    """None without --judge-url; else the reachable judge and the chosen questions."""
+    if not args.judge_url:
+        stray = [o for o in _JUDGE_OPTIONS if getattr(args, o) is not None]
+        if stray:
+            raise UserError(f"--{stray[0].replace('_', '-')} needs --judge-url")
+        return None
+    from lape_awq.quant.judge import JudgeClient
+    from lape_awq.quant.judge_questions import load_questions, select_questions
+
+    for option in ("judge_max_tokens", "judge_parallel"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    questions, source = load_questions(args.judge_question_file)
+    questions = select_questions(questions, args.judge_categories, args.judge_questions)
+    key = args.judge_key or os.environ.get(KEY_ENV) or "EMPTY"
+    return _JudgeSetup(JudgeClient.connect(args.judge_url, key, args.judge_model), questions, source)
+
+
+def _run_judge(
+    args: argparse.Namespace,
+    judge: _JudgeSetup,
+    models: dict[str, nn.Module],
+    tokenizer: object,
+    paths: dict[str, str],
+) -> None:
+    """Answers of every model, the judge on every pair; judge.md and judge.json next to the eval reports."""
+    from lape_awq.quant.judge import run_judge
+    from lape_awq.quant.judge_report import markdown, write_reports
+
+    started = time.perf_counter()
+    result = run_judge(
+        judge.client, models, tokenizer, judge.questions, question_source=judge.source,
+        max_new_tokens=args.judge_max_tokens or DEFAULT_MAX_NEW_TOKENS,
+        parallel=args.judge_parallel or DEFAULT_PARALLEL, progress=not args.quiet, model_paths=paths,
+    )  # fmt: skip
+    written = write_reports(result, args.out)
+    print()
+    print(markdown(result))
+    print(f"judged {len(result.pairs)} pairs x {len(judge.questions)} questions with {judge.client.model} "
+          f"in {time.perf_counter() - started:.1f}s")  # fmt: skip
+    print("judge results: " + ", ".join(str(p) for p in written.values()))
 
 
 @contextmanager

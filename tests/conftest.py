@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it is chosen when a kernel is defined,
+# so before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +34,11 @@ def tokenizer(default_model_dir: Path):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def tiny_config(arch: str, vocab_size: int):
+# vLLM's CPU attention runs head sizes from 32 up: the tiny models it serves use this attention shape.
+VLLM_ATTENTION = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
     """A 2-layer, 128-neuron config of a real architecture; token ids as in Gemma's tokenizer."""
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
@@ -37,6 +47,7 @@ def tiny_config(arch: str, vocab_size: int):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )  # fmt: skip
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -46,11 +57,11 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, vocab_size: int, seed: int = 0) -> nn.Module:
+def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides), dtype=torch.float32)
     return model.eval()
 
 

@@ -127,14 +127,14 @@ CORRUPTIONS = {
         f"tensor {MLP}.up_proj.sparse_rows holds NaN",
     ),
     "index out of range": (
-        _edit_tensors(lambda t: t[f"{MLP}.sparse_neurons"].__setitem__(-1, 128)),
-        f"tensor {MLP}.sparse_neurons has indices outside",
+        _edit_tensors(lambda t: t[f"{MLP}.down_proj.sparse_idx"].__setitem__(-1, 128)),
+        f"tensor {MLP}.down_proj.sparse_idx has indices outside",
     ),
     "unsorted index": (
         _edit_tensors(
-            lambda t: t.update({f"{MLP}.sparse_neurons": t[f"{MLP}.sparse_neurons"].flip(0).clone()})
+            lambda t: t.update({f"{MLP}.down_proj.sparse_idx": t[f"{MLP}.down_proj.sparse_idx"].flip(0)})
         ),
-        f"tensor {MLP}.sparse_neurons is not strictly increasing",
+        f"tensor {MLP}.down_proj.sparse_idx is not strictly increasing",
     ),
     "unexpected tensor": (
         _edit_tensors(lambda t: t.update({"extra.weight": torch.zeros(2)})),
@@ -168,7 +168,7 @@ def test_corrupt_checkpoints_are_refused(case: str, good_checkpoint: Path, tmp_p
 def test_good_checkpoint_validates(good_checkpoint: Path) -> None:
     config, tensors = read_checkpoint(good_checkpoint)
     assert config["quantization_config"]["sparse"]["neurons_per_layer"] == [3, 2]
-    assert tensors[f"{MLP}.sparse_neurons"].tolist() == [3, 64, 127]
+    assert tensors[f"{MLP}.down_proj.sparse_idx"].tolist() == [3, 64, 127]
 
 
 def test_existing_output_and_failed_write_leave_nothing(tokenizer, tmp_path: Path) -> None:

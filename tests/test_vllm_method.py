@@ -1,0 +1,246 @@
+"""The vLLM method `lape_awq` in the real vLLM CPU engine, against the transformers torch reference.
+
+Engines run in subprocesses (tests/vllm_runner.py) that never import lape_awq, so every engine test also
+checks that vLLM finds the method through the plugin entry point. Tiny random Llama / Qwen2 / Gemma 3
+with vLLM-compatible head size; their kept neurons get large random FP16 residuals so that a lost,
+misplaced or mis-sharded sparse term moves the logprobs far beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_checkpoint import CORRUPTIONS, write
+
+from conftest import ARCHITECTURES, VLLM_ATTENTION, build_tiny_model
+from lape_awq.kernels.awq_packing import dequantize, pack_int4
+from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
+from lape_awq.quant.checkpoint import MANIFEST, WEIGHTS, load_quantized_model, sha256_file
+from lape_awq.quant.quantizer import QuantSpec, quantize_model
+from lape_awq.quant.w4_modules import W4Linear
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+KEPT = [torch.tensor([3, 64, 127]), torch.tensor([0, 50])]
+# vLLM runs fp32 activations through the W4A16 GEMM in fp16 (see vllm_method/cpu_w4.py); the reference
+# is fp32 throughout. Logprobs of these tiny models are O(10), so this is a relative error of ~1e-4.
+LOGPROB_TOLERANCE = 1e-2
+PROMPT_TEXTS = ("한국어로 답해 주세요. 서울의 날씨는", "The capital of France is")
+
+
+def run_engines(
+    jobs: list[dict], multiprocess: bool = False, env: dict[str, str] | None = None
+) -> list[dict]:
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    if not multiprocess:  # engine core and worker in the runner's own process: half the start-up time
+        environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps({"jobs": jobs})],
+        capture_output=True, text=True, timeout=900, env=environment,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("VLLM_RUNNER_RESULT ")]
+    assert lines, f"runner failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    return json.loads(lines[-1].removeprefix("VLLM_RUNNER_RESULT "))
+
+
+def boost_residuals(path: Path, seed: int) -> None:
+    """Replace the stored sparse residuals by large random ones (and re-hash): still a valid checkpoint."""
+    tensors = load_file(path / WEIGHTS)
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if name.endswith((".sparse_rows", ".sparse_cols")):
+            tensors[name] = (torch.randn(t.shape, generator=gen) * 0.1).half()
+    save_file(tensors, path / WEIGHTS)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][WEIGHTS] = sha256_file(path / WEIGHTS)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-ckpts")
+    calib = calibration_batch(tokenizer, CalibrationSpec(("ko", "en"), 4, 64))
+    made = {}
+    for arch in ARCHITECTURES:
+        model = build_tiny_model(arch, len(tokenizer), **VLLM_ATTENTION)
+        with torch.no_grad():  # sharper next-token distributions than a fresh init's near-uniform ones
+            model.get_input_embeddings().weight.mul_(8)
+        for kept in (KEPT, None) if arch == "llama" else (KEPT,):
+            quantized = quantize_model(
+                model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False
+            )
+            name = f"{arch}-{'opt' if kept else 'awq'}"
+            write(root / name, model, tokenizer, quantized, kept)
+            if kept:
+                boost_residuals(root / name, seed=len(made))
+            made[name] = root / name
+    return made
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer(text).input_ids for text in PROMPT_TEXTS]
+
+
+def reference(path: Path, prompts: list[list[int]], max_tokens: int, drop_sparse: bool = False) -> list[dict]:
+    """Greedy tokens and logprobs from transformers running the checkpoint through W4Linear (fp32)."""
+    model = load_quantized_model(path, torch.float32)
+    if drop_sparse:
+        for m in model.modules():
+            if isinstance(m, W4Linear) and m.sparse is not None:
+                m.sparse.zero_()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            generated = model.generate(x, max_new_tokens=max_tokens, do_sample=False)
+            full = generated[0]
+            logprobs = model(generated).logits[0].log_softmax(-1)
+            steps = [logprobs[i - 1, full[i]].item() for i in range(1, len(full))]
+            prompt_steps = [None, *steps[: len(ids) - 1]]
+            out.append(
+                {
+                    "tokens": full[len(ids) :].tolist(),
+                    "prompt_logprobs": prompt_steps,
+                    "logprobs": steps[len(ids) - 1 :],
+                }
+            )
+    return out
+
+
+def max_logprob_gap(a: dict, b: dict) -> float:
+    pairs = list(
+        zip(a["prompt_logprobs"][1:] + a["logprobs"], b["prompt_logprobs"][1:] + b["logprobs"], strict=True)
+    )
+    return max(abs(x - y) for x, y in pairs)
+
+
+def test_cpu_w4_matmul_matches_float64() -> None:
+    from vllm.platforms import current_platform
+
+    from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, cpu_w4_matmul, kernel_dtype
+
+    current_platform.import_kernels()
+    gen = torch.Generator().manual_seed(0)
+    k_in, n_out, g = 256, 96, 32
+    codes, zeros = (
+        torch.randint(0, 16, (k_in, n_out), generator=gen),
+        torch.randint(0, 16, (k_in // g, n_out), generator=gen),
+    )
+    scales = (torch.rand(k_in // g, n_out, generator=gen) / 50).half()
+    qweight, qzeros = pack_int4(codes), pack_int4(zeros)
+    q_weight, cpu_zeros = awq_to_cpu_layout(qweight, qzeros)
+    w = dequantize(qweight, qzeros, scales.double(), g)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.float16, 1e-2), (torch.bfloat16, 2e-2)):
+        x = torch.randn(7, k_in, generator=gen).to(dtype)
+        y = cpu_w4_matmul(x, q_weight, scales.to(kernel_dtype(dtype)), cpu_zeros)
+        ref = x.double() @ w
+        assert y.dtype == dtype
+        assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_tensor_parallel_ownership_reassembles_the_full_term() -> None:
+    from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
+
+    gen = torch.Generator().manual_seed(1)
+    inter, hidden, tp = 128, 16, 2
+    idx = torch.tensor([0, 5, 63, 64, 100, 127])
+    rows = torch.randn(6, hidden, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, hidden, generator=gen, dtype=torch.float64)
+    full = torch.zeros(3, 2 * inter, dtype=torch.float64)
+    full[:, idx] += x @ rows.T
+    full[:, inter + idx] += x @ rows.T
+    shard = inter // tp
+    for rank in range(tp):
+        local, local_rows = local_gate_up_rows([idx, idx], [rows, rows], shard, rank)
+        mine = torch.zeros(3, 2 * shard, dtype=torch.float64).index_add(-1, local, x @ local_rows.T)
+        lo = rank * shard
+        assert torch.allclose(
+            mine, torch.cat([full[:, lo : lo + shard], full[:, inter + lo : inter + lo + shard]], 1)
+        )
+    h = torch.randn(3, inter, generator=gen, dtype=torch.float64)
+    partials = []
+    for rank in range(tp):
+        local, cols = owned(idx, rows, shard, rank)
+        partials.append(h[:, rank * shard : (rank + 1) * shard][:, local] @ cols)
+    assert torch.allclose(sum(partials), h[:, idx] @ rows)
+
+
+@pytest.fixture(scope="module")
+def engine_results(checkpoints: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
+    jobs = {
+        **{f"{arch}-opt": {"model": str(checkpoints[f"{arch}-opt"])} for arch in ARCHITECTURES},
+        "llama-awq-as-lape": {"model": str(checkpoints["llama-awq"]), "quantization": "lape_awq"},
+        "llama-opt-fp16": {"model": str(checkpoints["llama-opt"]), "dtype": "float16"},
+    }
+    results = run_engines([{**job, "prompts": prompts, "max_tokens": 6} for job in jobs.values()])
+    return dict(zip(jobs, results, strict=True))
+
+
+@pytest.mark.parametrize(
+    "name", [f"{arch}-opt" for arch in ARCHITECTURES] + ["llama-awq-as-lape", "llama-opt-fp16"]
+)
+def test_engine_matches_the_torch_reference(name: str, engine_results, checkpoints, prompts) -> None:
+    result = engine_results[name]
+    assert "error" not in result, result.get("error")
+    assert result["quantization"] == "lape_awq"  # found through the entry point; the runner never imports us
+    ckpt = checkpoints[name.removesuffix("-as-lape").removesuffix("-fp16")]
+    expected = reference(ckpt, prompts, 6)
+    tolerance = LOGPROB_TOLERANCE * (10 if name.endswith("fp16") else 1)  # fp16 end to end, not only the GEMM
+    for got, want in zip(result["outputs"], expected, strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert max_logprob_gap(got, want) <= tolerance
+    if name.endswith("-opt"):  # the sparse term is visible at this tolerance: dropping it would fail
+        without = reference(ckpt, prompts, 6, drop_sparse=True)
+        assert (
+            max(max_logprob_gap(w, wo) for w, wo in zip(expected, without, strict=True))
+            > 5 * LOGPROB_TOLERANCE
+        )
+
+
+def test_plain_awq_without_the_flag_stays_with_stock_vllm(checkpoints, prompts) -> None:
+    (result,) = run_engines(
+        [
+            {
+                "model": str(checkpoints["llama-awq"]),
+                "prompts": prompts[:1],
+                "max_tokens": 2,
+                "dtype": "float16",
+            }
+        ]
+    )
+    assert result.get("quantization") == "awq", result
+
+
+def test_tensor_parallel_2_equals_tp_1(checkpoints, prompts, engine_results) -> None:
+    job = {"model": str(checkpoints["gemma3-opt"]), "prompts": prompts, "max_tokens": 6, "tp": 2}
+    (result,) = run_engines([job], multiprocess=True, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert "error" not in result, result.get("error")
+    for tp2, tp1 in zip(result["outputs"], engine_results["gemma3-opt"]["outputs"], strict=True):
+        assert tp2["tokens"] == tp1["tokens"]
+        assert max_logprob_gap(tp2, tp1) <= LOGPROB_TOLERANCE
+
+
+def test_bad_checkpoints_are_refused_with_the_validators_message(checkpoints, tmp_path: Path) -> None:
+    jobs, messages = [], []
+    # Without quantization_config vLLM sees a plain model, not ours: that one is the validator's alone.
+    for case, (corrupt, message) in CORRUPTIONS.items():
+        if case == "not quantized":
+            continue
+        bad = tmp_path / case.replace(" ", "-")
+        shutil.copytree(checkpoints["llama-opt"], bad)
+        corrupt(bad)
+        jobs.append({"model": str(bad), "prompts": [[2, 651]], "max_tokens": 1})
+        messages.append(message)
+    for result, message in zip(run_engines(jobs), messages, strict=True):
+        assert "error" in result, f"served a corrupt checkpoint ({message})"
+        assert "lape_awq refuses checkpoint" in result["error"] and message in result["error"], result[
+            "error"
+        ]

@@ -1,0 +1,168 @@
+"""The `lape_awq` linear: dense W4 (AutoAWQ gemm tensors) plus the kept neurons' FP16 residuals.
+
+Loading: qweight/qzeros/scales are vLLM parameters sharded like stock AWQ. The sparse tensors are loaded
+whole on every rank (they are tiny) and cut to the rank's own neurons after loading, so per-rank counts may
+differ. gate_up_proj receives gate's and up's `sparse_idx`/`sparse_rows` as shards 0 and 1; down_proj adds
+its rank's kept columns inside `apply`, before the all-reduce, so every neuron is counted once.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
+from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
+
+PACK = 8
+
+
+def _load_whole(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+    target = param.data if shard_id is None else param.data[shard_id]
+    if target.shape != loaded.shape:
+        raise CheckpointError(
+            f"sparse tensor of shape {tuple(loaded.shape)} where {tuple(target.shape)} was expected"
+        )
+    target.copy_(loaded)
+
+
+@register_weight_loader_v2_supported_method
+class LapeAwqLinearMethod(LinearMethodBase):
+    """One per vLLM linear; `prefix` (e.g. model.layers.3.mlp.gate_up_proj) says whether it keeps neurons."""
+
+    def __init__(self, config: LapeAwqConfig, prefix: str):
+        self.config = config
+        self.prefix = prefix
+        self.kept = config.kept_neurons(prefix)
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        g = self.config.group_size
+        n_local = sum(output_partition_sizes)
+        if input_size_per_partition % g or any(n % PACK for n in output_partition_sizes):
+            raise CheckpointError(
+                f"{self.prefix}: a {n_local}x{input_size_per_partition} shard per rank does not fit "
+                f"group size {g} and 8-wide packing; use a smaller tensor-parallel size"
+            )
+        loader = extra_weight_attrs["weight_loader"]
+        packed = dict(input_dim=0, output_dim=1, packed_dim=1, packed_factor=PACK, weight_loader=loader)
+        layer.register_parameter(
+            "qweight",
+            PackedvLLMParameter(
+                data=torch.empty(input_size_per_partition, n_local // PACK, dtype=torch.int32), **packed
+            ),
+        )
+        layer.register_parameter(
+            "qzeros",
+            PackedvLLMParameter(
+                data=torch.empty(input_size_per_partition // g, n_local // PACK, dtype=torch.int32), **packed
+            ),
+        )
+        layer.register_parameter(
+            "scales",
+            GroupQuantScaleParameter(
+                data=torch.empty(input_size_per_partition // g, n_local, dtype=params_dtype),
+                input_dim=0, output_dim=1, weight_loader=loader,
+            ),
+        )  # fmt: skip
+        layer.lape_kind = None
+        if self.kept is None:
+            return
+        k = max(self.kept)
+        if len(self.kept) == 2:  # merged gate_up: [gate, up] stacked; width = the unsharded input
+            layer.lape_kind = "rows"
+            idx = torch.zeros(2, k, dtype=torch.int32)
+            values = torch.zeros(2, k, input_size, dtype=torch.float16)
+        else:  # down_proj: one row per kept input neuron, width = the unsharded output
+            layer.lape_kind = "cols"
+            idx = torch.zeros(k, dtype=torch.int32)
+            values = torch.zeros(k, output_size, dtype=torch.float16)
+        for name, tensor in (("sparse_idx", idx), (f"sparse_{layer.lape_kind}", values)):
+            param = torch.nn.Parameter(tensor, requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": _load_whole})
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.qweight.device.type == "cpu":
+            from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, kernel_dtype
+
+            q_weight, zeros = awq_to_cpu_layout(layer.qweight.data, layer.qzeros.data)
+            layer.lape_qweight = torch.nn.Parameter(q_weight, requires_grad=False)
+            layer.lape_qzeros = torch.nn.Parameter(zeros, requires_grad=False)
+            layer.lape_scales = torch.nn.Parameter(
+                layer.scales.data.to(kernel_dtype(layer.scales.dtype)).contiguous(), requires_grad=False
+            )
+            del layer.qweight, layer.qzeros, layer.scales
+        if layer.lape_kind is not None:
+            self._shard_sparse(layer)
+
+    def _shard_sparse(self, layer: torch.nn.Module) -> None:
+        values = getattr(layer, f"sparse_{layer.lape_kind}").data
+        idx = layer.sparse_idx.data
+        if layer.lape_kind == "rows":
+            shard = layer.output_partition_sizes[0]
+            kept = [idx[s, :n] for s, n in enumerate(self.kept)]
+            local, rows = local_gate_up_rows(
+                kept, [values[s, :n] for s, n in enumerate(self.kept)], shard, layer.tp_rank
+            )
+            full = [layer.output_sizes[s] for s in range(2)]
+        else:
+            shard = layer.input_size_per_partition
+            local, rows = owned(idx, values, shard, layer.tp_rank)
+            kept, full = [idx], [layer.input_size]
+        for part, size in zip(kept, full, strict=True):
+            if part.numel() and (
+                int(part.min()) < 0 or int(part.max()) >= size or not bool((part[1:] > part[:-1]).all())
+            ):
+                raise CheckpointError(f"{self.prefix}: sparse_idx must be strictly increasing in [0, {size})")
+        del layer.sparse_idx
+        delattr(layer, f"sparse_{layer.lape_kind}")
+        layer.lape_idx = torch.nn.Parameter(local, requires_grad=False)
+        if local.device.type == "cuda":  # the Triton kernel's slot map over this rank's channels
+            from lape_awq.kernels.sparse_correction import sparse_cols, sparse_rows
+
+            if layer.lape_kind == "rows":
+                correction = sparse_rows(local, rows.half(), sum(layer.output_partition_sizes))
+            else:
+                correction = sparse_cols(local, rows.half(), layer.input_size_per_partition)
+            layer.lape_slots = torch.nn.Parameter(correction.slots, requires_grad=False)
+            rows = correction.values
+        else:  # the CPU path adds the term in the activation dtype
+            rows = rows.to(layer.params_dtype)
+        layer.lape_values = torch.nn.Parameter(rows.contiguous(), requires_grad=False)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if x.device.type == "cpu":
+            from lape_awq.vllm_method.cpu_w4 import cpu_w4_matmul
+
+            y = cpu_w4_matmul(x, layer.lape_qweight, layer.lape_scales, layer.lape_qzeros)
+            if bias is not None:
+                y = y + bias
+            if layer.lape_kind == "rows":
+                y = y.index_add(-1, layer.lape_idx, x @ layer.lape_values.T)
+            elif layer.lape_kind == "cols":
+                y = y + x.index_select(-1, layer.lape_idx) @ layer.lape_values
+            return y
+        from lape_awq.kernels.sparse_correction import SparseCorrection
+        from lape_awq.kernels.w4_gemm import w4_linear
+
+        sparse = (
+            None
+            if layer.lape_kind is None
+            else SparseCorrection(layer.lape_kind, layer.lape_slots, layer.lape_values)
+        )
+        return w4_linear(
+            x.contiguous(), layer.qweight, layer.qzeros, layer.scales, self.config.group_size, bias, sparse
+        )
