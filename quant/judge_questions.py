@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.text_sources import read_user_file
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 PACKAGED = "ko_judge_questions.jsonl"
@@ -68,13 +69,7 @@ def load_questions(path: Path | None = None) -> tuple[list[Question], str]:
     """The user file at `path`, else the packaged set; with a description of where they came from."""
     if path is None:
         return parse_questions(packaged_questions_path().read_text(encoding="utf-8"), PACKAGED), "packaged"
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"question file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"question file {path} is not UTF-8 text") from exc
+    text, path = read_user_file(path, "question file")
     return parse_questions(text, str(path)), str(path.resolve())
 
 

@@ -81,15 +81,20 @@ def builtin_text(lang: str, split: Split = "fit") -> LanguageText:
     return LanguageText(lang, text, f"dataset-build:{folder}", split)
 
 
-def file_text(lang: str, path: str | Path) -> LanguageText:
-    """A user's UTF-8 text file, used whole (the user keeps fitting and evaluation files apart)."""
+def read_user_file(path: str | Path, what: str) -> tuple[str, Path]:
+    """A user's UTF-8 file as text, and its path; a missing or non-UTF-8 file is a UserError naming `what`."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"text file for {lang!r} not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8"), path
     except UnicodeDecodeError as exc:
-        raise UserError(f"text file for {lang!r} is not UTF-8: {path} (byte {exc.start})") from exc
+        raise UserError(f"{what} is not UTF-8: {path} (byte {exc.start})") from exc
+
+
+def file_text(lang: str, path: str | Path) -> LanguageText:
+    """A user's UTF-8 text file, used whole (the user keeps fitting and evaluation files apart)."""
+    text, path = read_user_file(path, f"text file for {lang!r}")
     if not text.strip():
         raise UserError(f"text file for {lang!r} is empty: {path}")
     return LanguageText(lang, "\n\n".join(paragraphs(text)), str(path.resolve()), "all")
