@@ -48,8 +48,7 @@ def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) 
     kept = [torch.randperm(inter, generator=gen)[:k].sort().values for _ in mlps]
     paths = {"fp": root / "fp"}
     model.save_pretrained(paths["fp"])
-    if tokenizer is not None:
-        tokenizer.save_pretrained(paths["fp"])
+    tokenizer.save_pretrained(paths["fp"])
     for name, keep in (("awq", None), ("awq-opt", kept)):
         quantized = quantize_model(model, None, QuantSpec("rtn"), kept=keep, progress=False)
         sparse = None
@@ -115,13 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lape-awq-vllm-speed-") as tmp:
         default_dir = prepare_default_model()
         gemma = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32)
-        gemma_paths = write_checkpoints(
-            gemma, AutoTokenizer.from_pretrained(default_dir), Path(tmp) / "gemma", 0
-        )
+        tokenizer = AutoTokenizer.from_pretrained(default_dir)  # the Llama runs without one (token ids only)
+        gemma_paths = write_checkpoints(gemma, tokenizer, Path(tmp) / "gemma", 0)
         del gemma
         torch.manual_seed(0)
         llama = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_SHAPE), dtype=torch.float32)
-        llama_paths = write_checkpoints(llama, None, Path(tmp) / "llama", 1)
+        llama_paths = write_checkpoints(llama, tokenizer, Path(tmp) / "llama", 1)
         del llama
         plan = [
             ("gemma3-270m", "fp", gemma_paths["fp"], "float32", None, False),
