@@ -28,6 +28,13 @@ NEW_TOKENS = 64
 PROMPT_TOKENS = 32
 PREFILL_PROMPTS, PREFILL_TOKENS = 8, 256
 KEPT_FRACTION = 0.0025
+REPEATS = 3  # each rate is the median of this many interleaved rounds (min and max kept too)
+# workload -> (sequences, prompt tokens, new tokens); prefill generates one token and counts the prompt
+WORKLOADS = {
+    "decode_tok_s_b1": (1, PROMPT_TOKENS, NEW_TOKENS),
+    "decode_tok_s_b16": (16, PROMPT_TOKENS, NEW_TOKENS),
+    "prefill_tok_s": (PREFILL_PROMPTS, PREFILL_TOKENS, 1),
+}
 LLAMA_SHAPE = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
     num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
@@ -61,41 +68,93 @@ def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) 
     return paths
 
 
-def measure(model: Path, dtype: str, quantization: str | None, skip_tokenizer: bool) -> dict[str, float]:
-    """Decode tokens/s at batch 1 and 16, prefill tokens/s, and the bytes of the loaded weights."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def held_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights the engine holds: its parameters, plus the dense linears vLLM's CPU path moved
+    into a oneDNN/sgl handle (it leaves an empty `weight` behind). Buffers such as rotary tables are not
+    weights (Gemma 3's come to 67 MB in fp32) and are left out."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() == 0:
+            rows, cols = module.output_size_per_partition, module.input_size_per_partition
+            total += rows * cols * weight.element_size()
+    return total
 
-    llm = LLM(
-        model=str(model), dtype=dtype, quantization=quantization, max_model_len=1024, enforce_eager=False,
-        skip_tokenizer_init=skip_tokenizer, seed=0, enable_prefix_caching=False,
-    )  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
 
-    def prompts(count: int, length: int) -> list[TokensPrompt]:
-        return [
+class Engine:
+    """One vLLM engine and its measurements; several live side by side so their runs can interleave."""
+
+    def __init__(self, path: Path, dtype: str, quantization: str | None, skip_tokenizer: bool):
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=str(path), dtype=dtype, quantization=quantization, max_model_len=1024, enforce_eager=False,
+            skip_tokenizer_init=skip_tokenizer, seed=0, enable_prefix_caching=False,
+        )  # fmt: skip
+        self.samples: dict[str, list[float]] = {name: [] for name in WORKLOADS}
+        self.rate("decode_tok_s_b1", warm_up=True)  # compilation, caches
+
+    def rate(self, workload: str, warm_up: bool = False) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        count, length, new_tokens = WORKLOADS[workload]
+        gen = torch.Generator().manual_seed(len(self.samples[workload]))
+        batch = [
             TokensPrompt(prompt_token_ids=torch.randint(10, 30000, (length,), generator=gen).tolist())
             for _ in range(count)
         ]
-
-    def rate(batch: list[TokensPrompt], new_tokens: int, counted: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
         start = time.perf_counter()
-        llm.generate(batch, params, use_tqdm=False)
-        return counted / (time.perf_counter() - start)
+        self.llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        if not warm_up:  # decode counts generated tokens, prefill counts prompt tokens
+            self.samples[workload].append(count * (new_tokens if new_tokens > 1 else length) / seconds)
 
-    rate(prompts(2, PROMPT_TOKENS), 8, 1)  # warm-up (compilation, caches)
-    result = {
-        "decode_tok_s_b1": rate(prompts(1, PROMPT_TOKENS), NEW_TOKENS, NEW_TOKENS),
-        "decode_tok_s_b16": rate(prompts(16, PROMPT_TOKENS), NEW_TOKENS, 16 * NEW_TOKENS),
-        "prefill_tok_s": rate(prompts(PREFILL_PROMPTS, PREFILL_TOKENS), 1, PREFILL_PROMPTS * PREFILL_TOKENS),
-        "weight_bytes": llm.apply_model(
-            lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
-        )[0],
-    }
-    llm = None  # drop the engine before the next one starts
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, values in self.samples.items():
+            ordered = sorted(values)
+            out |= {name: ordered[len(ordered) // 2], f"{name}_min": ordered[0], f"{name}_max": ordered[-1]}
+        out["weight_bytes"] = self.llm.apply_model(held_weight_bytes)[0]
+        return out
+
+
+def measure_group(plan: list[tuple[str, Path, str, str | None, bool]]) -> list[dict[str, float]]:
+    """Start every engine of one model, then REPEATS rounds over them (order reversed every other round),
+    so slow phases of a noisy machine hit every method alike; medians per engine."""
+    engines = []
+    for method, path, dtype, quantization, skip_tok in plan:
+        print(f"  starting {method} ({dtype})", flush=True)
+        engines.append(Engine(path, dtype, quantization, skip_tok))
+    for round_ in range(REPEATS):
+        order = engines if round_ % 2 == 0 else engines[::-1]
+        for engine in order:
+            for workload in WORKLOADS:
+                engine.rate(workload)
+        print(f"  round {round_ + 1}/{REPEATS} done", flush=True)
+    results = [engine.result() for engine in engines]
+    del engines
     gc.collect()
-    return result
+    return results
+
+
+def markdown_table(record: dict) -> str:
+    """The README's table: medians, with each other quantized row's ratio to `our awq` of the same model."""
+    columns = {"decode_tok_s_b1": 1, "decode_tok_s_b16": 1, "prefill_tok_s": 1, "weight_bytes": 2**-20}
+    ours = {r["model"]: r for r in record["rows"] if r["method"] == "our awq"}
+    lines = [
+        "| model | method | dtype | decode b1 tok/s | decode b16 tok/s | prefill tok/s | weights MiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in record["rows"]:
+        base = ours.get(r["model"]) if r["method"] not in ("fp", "our awq") else None
+        cells = []
+        for key, scale in columns.items():
+            cell = f"{r[key] * scale:,.1f}"
+            cells.append(cell + (f" ({r[key] / base[key]:.3f}x)" if base else ""))
+        lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--table", type=Path, help="only print the markdown table of this result file")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())), end="")
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # up to four engines live at once
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: apply_model, less noise
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -121,26 +184,24 @@ def main(argv: list[str] | None = None) -> None:
         llama = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_SHAPE), dtype=torch.float32)
         llama_paths = write_checkpoints(llama, tokenizer, Path(tmp) / "llama", 1)
         del llama
-        plan = [
-            ("gemma3-270m", "fp", gemma_paths["fp"], "float32", None, False),
-            ("gemma3-270m", "our awq", gemma_paths["awq"], "float32", "lape_awq", False),
-            ("gemma3-270m", "our awq-opt", gemma_paths["awq-opt"], "float32", None, False),
-            ("llama-0.4b-random", "fp", llama_paths["fp"], "float16", None, True),
-            ("llama-0.4b-random", "stock vllm awq", llama_paths["awq"], "float16", None, True),
-            ("llama-0.4b-random", "our awq", llama_paths["awq"], "float16", "lape_awq", True),
-            ("llama-0.4b-random", "our awq-opt", llama_paths["awq-opt"], "float16", None, True),
-        ]
-        for i, (model, method, path, dtype, quantization, skip_tok) in enumerate(plan, 1):
-            print(f"[{i}/{len(plan)}] {model} {method} ({dtype})", flush=True)
-            rows.append(
-                {
-                    "model": model,
-                    "method": method,
-                    "dtype": dtype,
-                    **measure(path, dtype, quantization, skip_tok),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+        plans = {
+            "gemma3-270m": [
+                ("fp", gemma_paths["fp"], "float32", None, False),
+                ("our awq", gemma_paths["awq"], "float32", "lape_awq", False),
+                ("our awq-opt", gemma_paths["awq-opt"], "float32", None, False),
+            ],
+            "llama-0.4b-random": [
+                ("fp", llama_paths["fp"], "float16", None, True),
+                ("stock vllm awq", llama_paths["awq"], "float16", None, True),
+                ("our awq", llama_paths["awq"], "float16", "lape_awq", True),
+                ("our awq-opt", llama_paths["awq-opt"], "float16", None, True),
+            ],
+        }
+        for model, plan in plans.items():
+            print(f"{model}: {len(plan)} engines, {REPEATS} rounds", flush=True)
+            for (method, _, dtype, _, _), result in zip(plan, measure_group(plan), strict=True):
+                rows.append({"model": model, "method": method, "dtype": dtype, **result})
+                print(json.dumps(rows[-1]), flush=True)
     record = {
         "benchmark": "vllm_speed",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -151,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_tokens": PROMPT_TOKENS,
             "prefill": [PREFILL_PROMPTS, PREFILL_TOKENS],
             "kept_fraction": KEPT_FRACTION,
+            "repeats": REPEATS,
             "llama_shape": LLAMA_SHAPE,
         },
         "rows": rows,
@@ -158,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"vllm_speed_{record['date'][:10]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    path.with_suffix(".md").write_text(markdown_table(record))
+    print(markdown_table(record))
+    print(f"wrote {path} and its .md table")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
+    from lape_awq.quant.default_checkpoints import checkpoint_path, ensure_neurons_file
     from lape_awq.quant.model_loading import resolve_model_dir
-    from lape_awq.quant.paths import home_dir
     from lape_awq.quant.pipeline import KeepSpec, quantize_checkpoint
 
     opt = args.method == "awq-opt"
@@ -76,9 +76,9 @@ def _run_quantize(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(args.model)
     keep = None
     if opt:
-        neurons = args.neurons or ensure_neurons_file(model_dir, quiet=args.quiet)
+        neurons = args.neurons or ensure_neurons_file(model_dir, progress=not args.quiet)
         keep = KeepSpec(neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed)
-    out = args.out or home_dir() / "checkpoints" / f"{model_dir.name}-{args.method}"
+    out = args.out or checkpoint_path(model_dir, args.method)
     manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite)
     sizes = manifest["sizes"]
     print(f"checkpoint: {out}")
@@ -94,13 +94,3 @@ def _run_quantize(args: argparse.Namespace) -> None:
 def _kept_counts(out: Path) -> list[int]:
     config = json.loads((out / "config.json").read_text())
     return config["quantization_config"]["sparse"]["neurons_per_layer"]
-
-
-def ensure_neurons_file(model_dir: Path, quiet: bool) -> Path:
-    """The model's default neurons file, made with default LAPE settings if it does not exist yet."""
-    from lape_awq.quant.neurons_job import default_neurons_path, find_and_save_neurons
-
-    path = default_neurons_path(model_dir)
-    if not path.is_file():
-        find_and_save_neurons(model_dir, path, progress=not quiet)
-    return path

@@ -33,14 +33,19 @@ def kernel_dtype(act_dtype: torch.dtype) -> torch.dtype:
     return act_dtype if act_dtype in KERNEL_DTYPES else torch.float16
 
 
+def cpu_w4_gemm(
+    x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] @ dequant(W4) -> [M, N], all in the kernel's dtype (scales' dtype, fp16 or bf16)."""
+    from vllm import _custom_ops as ops
+
+    return ops.cpu_gemm_wna16(
+        input=x, q_weight=q_weight, scales=scales, zeros=zeros, bias=None, pack_factor=8, isa_hint="vec"
+    )
+
+
 def cpu_w4_matmul(
     x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(W4) -> [..., N] in x's dtype; scales already in kernel_dtype(x.dtype)."""
-    from vllm import _custom_ops as ops
-
-    y = ops.cpu_gemm_wna16(
-        input=x.to(scales.dtype), q_weight=q_weight, scales=scales, zeros=zeros,
-        bias=None, pack_factor=8, isa_hint="vec",
-    )  # fmt: skip
-    return y.to(x.dtype)
+    """x [M, K] @ dequant(W4) -> [M, N] in x's dtype; scales already in kernel_dtype(x.dtype)."""
+    return cpu_w4_gemm(x.to(scales.dtype), q_weight, scales, zeros).to(x.dtype)

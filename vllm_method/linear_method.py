@@ -14,6 +14,8 @@ from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMPa
 from vllm.model_executor.utils import set_weight_attrs
 
 from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
+from lape_awq.vllm_method.cpu_sparse import cpu_w4_sparse_linear
+from lape_awq.vllm_method.cpu_w4 import cpu_w4_matmul
 from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
 
 PACK = 8
@@ -137,24 +139,22 @@ class LapeAwqLinearMethod(LinearMethodBase):
                 correction = sparse_cols(local, rows.half(), layer.input_size_per_partition)
             layer.lape_slots = torch.nn.Parameter(correction.slots, requires_grad=False)
             rows = correction.values
-        else:  # the CPU path adds the term in the activation dtype
-            rows = rows.to(layer.params_dtype)
+        else:  # the CPU path computes the term in fp32 from the checkpoint's exact fp16 values
+            rows = rows.half()
         layer.lape_values = torch.nn.Parameter(rows.contiguous(), requires_grad=False)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if x.device.type == "cpu":
-            from lape_awq.vllm_method.cpu_w4 import cpu_w4_matmul
-
-            y = cpu_w4_matmul(x, layer.lape_qweight, layer.lape_scales, layer.lape_qzeros)
-            if bias is not None:
-                y = y + bias
-            if layer.lape_kind == "rows":
-                y = y.index_add(-1, layer.lape_idx, x @ layer.lape_values.T)
-            elif layer.lape_kind == "cols":
-                y = y + x.index_select(-1, layer.lape_idx) @ layer.lape_values
-            return y
+            weights = (x, layer.lape_qweight, layer.lape_scales, layer.lape_qzeros)
+            if layer.lape_kind is None:
+                y = cpu_w4_matmul(*weights)
+            else:
+                y = cpu_w4_sparse_linear(
+                    *weights, layer.lape_idx, layer.lape_values, layer.lape_kind == "rows"
+                )
+            return y if bias is None else y + bias
         from lape_awq.kernels.sparse_correction import SparseCorrection
         from lape_awq.kernels.w4_gemm import w4_linear
 

@@ -1,0 +1,201 @@
+"""One vLLM async engine per served checkpoint, with vLLM's own OpenAI serving objects in front of it.
+
+The chat/completion handlers, sampling-parameter validation, chat templates, streaming detokenization and
+usage accounting are vLLM's (`init_app_state` on a per-engine `State`); this module only starts and stops
+engines, off the event loop so that a hot swap never stalls the requests being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import State
+
+from lape_awq.server.engine_observer import ObservedEngine
+
+# Used when a checkpoint's tokenizer has no chat template (the embedded default is a base model).
+FALLBACK_CHAT_TEMPLATE = Path(__file__).parent / "templates" / "gemma_turns.jinja"
+GiB = 1 << 30
+
+
+class LoadError(Exception):
+    """A checkpoint could not be served; the message says why (shown to the admin who asked)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Per-checkpoint engine settings (the `serve` flags and the admin load body)."""
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    kv_cache_gib: float = 1.0  # CPU: KV-cache bytes
+    gpu_memory_utilization: float = 0.4  # CUDA: fraction of the card, leaves room for a second engine
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 64
+    enforce_eager: bool = False
+    chat_template: str | None = None
+    # auto: plain AWQ checkpoints run on the lape_awq method (zero kept neurons): the same kernels as
+    # AWQ-opt, so an A/B compares like with like, and fp32 works (Gemma 3 on CPU; stock AWQ refuses it).
+    # None: whatever vLLM picks from the checkpoint; any other value is passed to vLLM as --quantization.
+    quantization: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gib <= 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("kv_cache_gib must be > 0 and gpu_memory_utilization in (0, 1]")
+        if self.tensor_parallel_size < 1 or self.max_num_seqs < 1 or (self.max_model_len or 1) < 1:
+            raise ValueError("tensor_parallel_size, max_num_seqs and max_model_len must be >= 1")
+
+    def with_updates(self, updates: dict[str, Any]) -> EngineOptions:
+        """These options with `updates` applied, type-checked (the admin API passes user JSON here)."""
+        from pydantic import TypeAdapter, ValidationError
+
+        unknown = set(updates) - set(self.__dataclass_fields__)
+        if unknown:
+            raise LoadError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        try:
+            return TypeAdapter(EngineOptions).validate_python({**self.__dict__, **updates})
+        except ValidationError as error:
+            problems = "; ".join(
+                ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in error.errors()
+            )
+            raise LoadError(f"bad engine options: {problems}") from error
+
+
+@dataclass
+class LoadedEngine:
+    """A started engine and the vLLM serving state bound to it."""
+
+    name: str
+    checkpoint: Path
+    quant_method: str
+    engine_quantization: str | None
+    client: ObservedEngine
+    state: State
+    max_model_len: int
+    loaded_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    retired: bool = False
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.client.errored
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.client.engine.shutdown)
+
+
+def read_model_config(checkpoint: Path) -> dict[str, Any]:
+    config_file = checkpoint / "config.json"
+    if not config_file.is_file():
+        raise LoadError(f"{checkpoint} is not a model directory (no config.json)")
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LoadError(f"{config_file} is unreadable: {error}") from error
+
+
+def quant_method_of(config: dict[str, Any]) -> str:
+    return str((config.get("quantization_config") or {}).get("quant_method", "none"))
+
+
+def _default_dtype(config: dict[str, Any]) -> str:
+    """float32 for Gemma 3 on CPU (fp16 is refused, bf16 crashes this CPU), float16 for others on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "auto"
+    model_type = str(config.get("model_type", "")) + str(config.get("text_config", {}).get("model_type", ""))
+    return "float32" if "gemma3" in model_type else "float16"
+
+
+def _has_chat_template(checkpoint: Path) -> bool:
+    if (checkpoint / "chat_template.jinja").is_file() or (checkpoint / "chat_template.json").is_file():
+        return True
+    tokenizer_config = checkpoint / "tokenizer_config.json"
+    return tokenizer_config.is_file() and "chat_template" in json.loads(tokenizer_config.read_text())
+
+
+def vllm_server_args(name: str, checkpoint: Path, options: EngineOptions, config: dict[str, Any]):
+    """The Namespace `vllm serve` would build for this checkpoint (vLLM's own parser and defaults)."""
+    import torch
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    dtype = _default_dtype(config) if options.dtype == "auto" else options.dtype
+    argv = [
+        "--model", str(checkpoint), "--served-model-name", name, "--dtype", dtype,
+        "--tensor-parallel-size", str(options.tensor_parallel_size),
+        "--max-num-seqs", str(options.max_num_seqs),
+        # Several engines live in one process; their stats loggers would collide in one Prometheus
+        # registry, and the server keeps its own per-model metrics.
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if torch.cuda.is_available():
+        argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+    else:
+        argv += ["--kv-cache-memory-bytes", str(int(options.kv_cache_gib * GiB))]
+    if options.max_model_len:
+        argv += ["--max-model-len", str(options.max_model_len)]
+    if options.enforce_eager:
+        argv += ["--enforce-eager"]
+    quantization = options.quantization
+    if quantization == "auto":
+        quantization = "lape_awq" if quant_method_of(config) == "awq" else None
+    if quantization:
+        argv += ["--quantization", quantization]
+    template = options.chat_template
+    if template is None and not _has_chat_template(checkpoint):
+        template = str(FALLBACK_CHAT_TEMPLATE)
+    if template is not None:
+        argv += ["--chat-template", template]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+
+
+async def start_engine(name: str, checkpoint: Path, options: EngineOptions) -> LoadedEngine:
+    """Start an engine for `checkpoint` served as `name`; raises LoadError with the reason on failure."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    checkpoint = checkpoint.expanduser().resolve()
+    config = read_model_config(checkpoint)
+    args = vllm_server_args(name, checkpoint, options, config)
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    try:
+        # Config creation runs the quantization plugin's checkpoint validation; both steps block for
+        # seconds (engine start: tens of seconds), so they run in a thread.
+        vllm_config = await asyncio.to_thread(
+            engine_args.create_engine_config, usage_context=UsageContext.OPENAI_API_SERVER
+        )
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=False,
+            disable_log_stats=True,
+        )
+    except Exception as error:  # any failure to start is reported to the admin, never raised further
+        raise LoadError(f"{type(error).__name__}: {error}") from error
+    client = ObservedEngine(engine)
+    try:
+        state = State()
+        await init_app_state(client, state, args, await engine.get_supported_tasks())
+    except Exception as error:
+        engine.shutdown()
+        raise LoadError(f"{type(error).__name__}: {error}") from error
+    return LoadedEngine(
+        name=name,
+        checkpoint=checkpoint,
+        quant_method=quant_method_of(config),
+        engine_quantization=vllm_config.model_config.quantization,
+        client=client,
+        state=state,
+        max_model_len=vllm_config.model_config.max_model_len,
+    )

@@ -1,0 +1,136 @@
+"""The ASGI layer in front of every route: API keys, the request body limit, access logs and metrics.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, which buffers streaming responses and hides client
+disconnects; here a stream that ends without its final body message is a cancelled request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from lape_awq.server.metrics import UNKNOWN_MODEL, ServerMetrics
+from lape_awq.server.openai_errors import error_body
+
+access_log = logging.getLogger("lape_awq.access")
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    value = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _key_matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+class GatewayMiddleware:
+    """Auth for /v1 (API key) and /admin (admin key), body limit (413), one access-log line per request."""
+
+    def __init__(self, app: Any, settings: Any, metrics: ServerMetrics, known_model: Callable[[str], bool]):
+        self.app, self.settings, self.metrics, self.known_model = app, settings, metrics, known_model
+
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        key = _bearer(headers)
+        if path.startswith("/admin"):
+            if self.settings.admin_key is not None:
+                if not _key_matches(key, self.settings.admin_key):
+                    return 401, "Admin endpoints need the admin key (Authorization: Bearer <admin key>)."
+            elif self.settings.api_key is not None:
+                return 403, "Admin endpoints are disabled: the server was started without --admin-key."
+        elif path.startswith("/v1") and self.settings.api_key is not None:
+            admin = self.settings.admin_key is not None and _key_matches(key, self.settings.admin_key)
+            if not admin and not _key_matches(key, self.settings.api_key):
+                return 401, "Incorrect or missing API key (Authorization: Bearer <key>)."
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return 413, self._too_large()
+        return None
+
+    def _too_large(self) -> str:
+        return f"Request body over the server's limit of {self.settings.max_body_bytes} bytes."
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrival = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["arrival"], state["cancelled"] = arrival, False
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        state["request_id"] = request_id
+        status, finished, received = 0, False, 0
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status, finished
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.settings.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def refuse(code: int, message: str) -> None:
+            body = json.dumps(error_body(code, message)).encode()
+            extra = [(b"www-authenticate", b"Bearer")] if code == 401 else []
+            await send_wrapper({
+                "type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"), *extra],
+            })  # fmt: skip
+            await send_wrapper({"type": "http.response.body", "body": body})
+
+        refusal = self._refusal(path, headers)
+        try:
+            if refusal is not None:
+                await refuse(*refusal)
+            else:
+                await self.app(scope, limited_receive, send_wrapper)
+        except _BodyTooLarge:
+            if status == 0:
+                await refuse(413, self._too_large())
+        finally:
+            self._record(scope, state, path, status, finished, arrival, request_id)
+
+    def _record(self, scope: dict, state: dict, path: str, status: int, finished: bool, arrival: float,
+                request_id: str) -> None:  # fmt: skip
+        seconds = time.perf_counter() - arrival
+        cancelled = state.get("cancelled", False) or (status != 0 and not finished)
+        endpoint = ENDPOINTS.get(path)
+        model = state.get("model")
+        observation = state.get("observation")
+        if endpoint is not None:
+            label = model if model is not None and self.known_model(model) else UNKNOWN_MODEL
+            self.metrics.observe_request(label, endpoint, status or 499, seconds, observation, cancelled)
+        entry = {
+            "request_id": request_id, "method": scope["method"], "path": path, "status": status or 499,
+            "ms": round(1000 * seconds, 1), "model": model, "cancelled": cancelled,
+            "client": (scope.get("client") or ("-",))[0],
+        }  # fmt: skip
+        if observation is not None:
+            entry["prompt_tokens"] = observation.prompt_tokens
+            entry["completion_tokens"] = observation.completion_tokens
+            if observation.first_token is not None:
+                entry["ttft_ms"] = round(1000 * (observation.first_token - observation.started), 1)
+        access_log.info(json.dumps(entry, ensure_ascii=False))

@@ -1,0 +1,105 @@
+"""`lape-awq serve`: the OpenAI-compatible server over one vLLM engine per checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from lape_awq.quant.errors import UserError
+
+DEFAULT_PORT = 8000
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path).expanduser()
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible chat server; hot-swaps AWQ / AWQ-opt checkpoints",
+        description="Serve checkpoints through the OpenAI API (/v1/chat/completions, /v1/completions, "
+        "/v1/models), with /health, /metrics and admin routes to load, swap and unload checkpoints. "
+        "Without --model it serves the default model's AWQ and AWQ-opt checkpoints, building them first.",
+    )
+    parser.add_argument(
+        "--model", dest="models", action="append", type=_named_path, metavar="NAME=PATH",
+        help="serve the checkpoint at PATH as NAME (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LAPE_AWQ_API_KEY"),
+        help="required bearer key (env LAPE_AWQ_API_KEY)",
+    )
+    parser.add_argument(
+        "--admin-key", default=os.environ.get("LAPE_AWQ_ADMIN_KEY"),
+        help="bearer key of the /admin routes (env LAPE_AWQ_ADMIN_KEY); without it they are open only "
+        "when no --api-key is set either",
+    )  # fmt: skip
+    parser.add_argument("--dtype", default="auto", help="auto: float32 for Gemma 3 on CPU, float16 otherwise")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV-cache size per model")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.4, help="CUDA: fraction of the card per model"
+    )
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences an engine batches at once")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=256, help="requests per model before 429 Too Many Requests"
+    )
+    parser.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 beyond)")
+    parser.add_argument("--chat-template", help="Jinja chat template file for models without one")
+    parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
+    parser.add_argument("--log-prompts", action="store_true", help="log prompt text (off: metadata only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars while building checkpoints")
+    parser.set_defaults(run=_run_serve)
+
+
+def _initial_models(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    if args.models:
+        names = [name for name, _ in args.models]
+        if len(set(names)) != len(names):
+            raise UserError(f"--model names must be distinct: {names}")
+        for name, path in args.models:
+            if not (path / "config.json").is_file():
+                raise UserError(f"--model {name}={path}: not a model directory (no config.json)")
+        return list(args.models)
+    from lape_awq.quant.default_checkpoints import DEFAULT_METHODS, ensure_default_checkpoint
+    from lape_awq.quant.default_model import DEFAULT_MODEL_NAME
+
+    return [
+        (f"{DEFAULT_MODEL_NAME}-{method}", ensure_default_checkpoint(method, progress=not args.quiet))
+        for method in DEFAULT_METHODS
+    ]
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from lape_awq.server.app import ServerSettings, create_app
+    from lape_awq.server.engines import EngineOptions
+
+    try:
+        options = EngineOptions(
+            dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
+            enforce_eager=args.enforce_eager, chat_template=args.chat_template,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    settings = ServerSettings(
+        models=_initial_models(args), engine_options=options, api_key=args.api_key, admin_key=args.admin_key,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_in_flight=args.max_in_flight,
+        log_prompts=args.log_prompts,
+    )  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

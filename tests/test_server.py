@@ -1,0 +1,512 @@
+"""The OpenAI-compatible server end to end: a real `lape-awq serve` process on 127.0.0.1 running real vLLM
+engines on CPU over tiny checkpoints, driven by the official `openai` client (and raw httpx where the
+client would refuse to send a bad request).
+
+Served names: `korean-chat` (tiny Gemma 3 AWQ; swapped during the last tests), `tiny-opt` (its AWQ-opt),
+`bytes` (the byte-cycle model, see server_models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from server_models import CYCLE_TEXT, write_byte_cycle_model, write_quantized_pair, write_verdict_judge
+
+API_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
+MAX_MODEL_LEN = 512
+START_TIMEOUT = 600
+CHAT = [{"role": "user", "content": "한국어로 짧게 인사해 주세요."}]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    checkpoints: dict[str, Path]
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(server: Server, names: set[str]) -> None:
+    deadline = time.time() + START_TIMEOUT
+    while time.time() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            health = httpx.get(f"{server.url}/health", timeout=5)
+            if health.status_code == 200 and set(health.json()["models"]) == names:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"server not ready after {START_TIMEOUT} s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("server")
+    checkpoints = write_quantized_pair(root, tokenizer)
+    checkpoints["bytes"] = write_byte_cycle_model(root / "byte-cycle", tokenizer)
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "lape_awq.quant.cli", "serve", "--port", str(port),
+        "--model", f"korean-chat={checkpoints['awq']}", "--model", f"tiny-opt={checkpoints['awq-opt']}",
+        "--model", f"bytes={checkpoints['bytes']}",
+        "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-gib", "1", "--enforce-eager", "--max-body-mb", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    log = root / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    running = Server(f"http://127.0.0.1:{port}", process, log, checkpoints)
+    try:
+        _wait_ready(running, {"korean-chat", "tiny-opt", "bytes"})
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One sample of the server's Prometheus output (0 when absent)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+# --- the OpenAI surface -------------------------------------------------------------------------------
+
+
+def test_models_lists_every_checkpoint_with_method_and_state(client: openai.OpenAI, server: Server) -> None:
+    models = {m.id: m.model_dump() for m in client.models.list().data}
+    assert set(models) == {"korean-chat", "tiny-opt", "bytes"}
+    assert {k: m["quant_method"] for k, m in models.items()} == {
+        "korean-chat": "awq", "tiny-opt": "lape_awq", "bytes": "none",
+    }  # fmt: skip
+    assert {k: m["engine_quantization"] for k, m in models.items()} == {
+        "korean-chat": "lape_awq", "tiny-opt": "lape_awq", "bytes": None,
+    }  # fmt: skip
+    assert models["tiny-opt"]["checkpoint"] == str(server.checkpoints["awq-opt"].resolve())
+    assert all(m["state"] == "ready" and m["max_model_len"] == MAX_MODEL_LEN for m in models.values())
+    assert client.models.retrieve("bytes").id == "bytes"
+
+
+def test_chat_reports_usage_length_and_the_checkpoint_that_answered(client: openai.OpenAI, server) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-opt", messages=CHAT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    reply = raw.parse()
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+    assert raw.headers["x-lape-awq-checkpoint"] == str(server.checkpoints["awq-opt"].resolve())
+    assert raw.headers["x-lape-awq-quant-method"] == "lape_awq"
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="bytes", messages=CHAT, max_completion_tokens=5, temperature=0
+    )
+    assert reply.usage.completion_tokens == 5
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_sampled_stream_equals_non_stream_for_the_same_seed(client: openai.OpenAI) -> None:
+    request = dict(model="tiny-opt", messages=CHAT, max_tokens=12, temperature=0.9, top_p=0.95, seed=7,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.chat.completions.create(**request).choices[0].message.content
+    usage = {"include_usage": True}
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options=usage))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert not chunks[-1].choices
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+
+
+def test_korean_split_across_byte_tokens_streams_exactly(client: openai.OpenAI) -> None:
+    """Every syllable is three byte tokens: no chunk may carry a replacement character or a partial one."""
+    expected = CYCLE_TEXT * 3
+    request = dict(model="bytes", messages=CHAT, max_tokens=27, temperature=0)
+    assert client.chat.completions.create(**request).choices[0].message.content == expected
+    stream = client.chat.completions.create(**request, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == expected
+    assert all("\ufffd" not in piece for piece in pieces)
+    completion = client.completions.create(
+        model="bytes", prompt="안녕\n", max_tokens=9, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in completion) == CYCLE_TEXT
+
+
+def test_stop_sequence_ends_with_finish_reason_stop(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="bytes", messages=CHAT, max_tokens=27, temperature=0, stop=["국"]
+    )
+    assert reply.choices[0].message.content == "한"
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_and_seed_reproducibility(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> list[str]:
+        reply = client.chat.completions.create(
+            model="korean-chat", messages=CHAT, n=3, max_tokens=10, temperature=1.0, seed=seed,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+        assert reply.usage.completion_tokens == 30
+        return [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = sample(11)
+    assert sample(11) == first
+    assert sample(12) != first
+    assert len(set(first)) > 1  # three samples of a 262k-token distribution
+
+
+def test_completions_echo_and_logprobs(client: openai.OpenAI) -> None:
+    prompt = "서울의 날씨는"
+    reply = client.completions.create(
+        model="korean-chat", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == reply.usage.prompt_tokens + 4
+    assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs if top)
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="korean-chat", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6
+    for step in content:
+        values = [t.logprob for t in step.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert step.top_logprobs[0].token == step.token and step.logprob == values[0] <= 0  # greedy
+
+
+def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
+    def distinct_tokens(**penalties: float) -> int:
+        reply = client.chat.completions.create(
+            model="korean-chat", messages=CHAT, max_tokens=24, temperature=0, logprobs=True,
+            extra_body={"ignore_eos": True}, **penalties,
+        )  # fmt: skip
+        return len({step.token for step in reply.choices[0].logprobs.content})
+
+    plain = distinct_tokens()
+    assert plain < 24  # a tiny random model repeats itself ...
+    assert distinct_tokens(presence_penalty=2.0, frequency_penalty=2.0) > plain  # ... unless penalised
+
+
+# --- auth, errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "wrong-key"])
+def test_missing_or_wrong_key_is_401(server: Server, key: str) -> None:
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or "unused", max_retries=0)
+    if not key:  # the SDK always sends a key; send none at all through httpx
+        response = httpx.get(f"{server.url}/v1/models")
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        return
+    with pytest.raises(openai.AuthenticationError) as raised:
+        bad.models.list()
+    assert raised.value.status_code == 401
+    assert raised.value.body["type"] == "authentication_error"
+
+
+def test_admin_routes_refuse_the_user_key(server: Server) -> None:
+    response = httpx.get(f"{server.url}/admin/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 401
+    assert "admin key" in response.json()["error"]["message"]
+    ok = httpx.get(f"{server.url}/admin/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert ok.status_code == 200 and {m["id"] for m in ok.json()["data"]} >= {"korean-chat", "bytes"}
+
+
+def _post(server: Server, path: str, content: bytes | str, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}{path}", content=content, timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})},
+    )  # fmt: skip
+
+
+def _chat(**fields) -> str:
+    return json.dumps({"model": "korean-chat", "messages": CHAT, "max_tokens": 4, **fields})
+
+
+CLIENT_MISTAKES = {
+    "malformed json": ("/v1/chat/completions", '{"model": "korean-chat", "messages": [', 400),
+    "missing messages": ("/v1/chat/completions", json.dumps({"model": "korean-chat"}), 400),
+    "missing prompt": ("/v1/completions", json.dumps({"model": "korean-chat"}), 400),
+    "wrong type": ("/v1/chat/completions", _chat(temperature="hot"), 400),
+    "messages not a list": ("/v1/chat/completions", _chat(messages="hi"), 400),
+    "negative temperature": ("/v1/chat/completions", _chat(temperature=-1), 400),
+    "top_p above 1": ("/v1/chat/completions", _chat(top_p=2), 400),
+    "negative max_tokens": ("/v1/chat/completions", _chat(max_tokens=-5), 400),
+    "n of zero": ("/v1/chat/completions", _chat(n=0), 400),
+    "too many top_logprobs": ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=1000), 400),
+    "prompt longer than the context": (
+        "/v1/completions", json.dumps({"model": "korean-chat", "prompt": "서울 " * 600}), 400,
+    ),
+    "max_tokens beyond the context": ("/v1/chat/completions", _chat(max_tokens=MAX_MODEL_LEN * 4), 400),
+    "unknown model": ("/v1/chat/completions", _chat(model="no-such-model"), 404),
+    "body over the limit": ("/v1/chat/completions", _chat(pad="x" * (2 << 20)), 413),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CLIENT_MISTAKES, ids=list(CLIENT_MISTAKES))
+def test_client_mistakes_get_their_status_and_an_openai_error_body(server: Server, case: str) -> None:
+    path, body, status = CLIENT_MISTAKES[case]
+    response = _post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert {"type", "code"} <= set(error)
+
+
+def test_unknown_model_through_the_sdk_is_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    assert "gpt-4o" in raised.value.message
+
+
+@pytest.fixture(scope="module")
+def api_schema(server: Server):
+    """The server's own OpenAPI document (vLLM's request models), public routes only."""
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json").include(path_regex=r"^/(v1/|health)")
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_schema_fuzz_never_gets_a_5xx(case, server: Server) -> None:
+    """Schema-valid and schema-violating requests alike: a client can cause a 4xx, never a 5xx."""
+    response = case.call(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300)
+    assert response.status_code < 500, (
+        f"{case.as_curl_command()}\n-> {response.status_code} {response.text[:800]}"
+    )
+
+
+# --- metrics, disconnects --------------------------------------------------------------------------
+
+
+def test_metrics_count_exact_tokens_and_observe_ttft(client: openai.OpenAI, server: Server) -> None:
+    before = {
+        "tokens": metric(server, "lape_awq_generation_tokens_total", model="bytes"),
+        "ttft": metric(server, "lape_awq_time_to_first_token_seconds_count", model="bytes"),
+        "requests": metric(server, "lape_awq_requests_total", model="bytes", status="200"),
+    }
+    for stream in (False, True):
+        request = dict(model="bytes", messages=CHAT, max_tokens=9, temperature=0)
+        reply = client.chat.completions.create(**request, stream=stream)
+        if stream:
+            list(reply)
+    assert metric(server, "lape_awq_generation_tokens_total", model="bytes") - before["tokens"] == 18
+    assert metric(server, "lape_awq_time_to_first_token_seconds_count", model="bytes") - before["ttft"] == 2
+    assert metric(server, "lape_awq_requests_total", model="bytes", status="200") - before["requests"] == 2
+    assert metric(server, "lape_awq_request_errors_total", model="-", status="404") >= 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_engine_request(server: Server) -> None:
+    cancelled = metric(server, "lape_awq_cancelled_requests_total", model="korean-chat")
+    body = {"model": "korean-chat", "messages": CHAT, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = f"{server.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        lines = response.iter_lines()  # kept: a dropped iterator would close the connection at once
+        for line in lines:
+            if line.startswith("data:") and '"content"' in line:
+                break
+        assert metric(server, "lape_awq_engine_unfinished_requests", model="korean-chat") == 1
+    deadline = time.time() + 30
+    while time.time() < deadline and metric(
+        server, "lape_awq_engine_unfinished_requests", model="korean-chat"
+    ):
+        time.sleep(0.2)
+    assert metric(server, "lape_awq_engine_unfinished_requests", model="korean-chat") == 0
+    assert metric(server, "lape_awq_cancelled_requests_total", model="korean-chat") == cancelled + 1
+    generated = metric(server, "lape_awq_generation_tokens_total", model="korean-chat")
+    assert generated < 10_000  # sanity: the counter exists and the request did not run to 480 tokens alone
+
+
+# --- admin: load, failed swap, hot swap under load ----------------------------------------------------
+
+
+def _admin(server: Server, method: str, path: str, body: dict | None = None) -> httpx.Response:
+    return httpx.request(
+        method, f"{server.url}/admin{path}", json=body, timeout=600,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )  # fmt: skip
+
+
+def test_a_failed_swap_keeps_the_old_checkpoint_serving(client, server, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    response = _admin(server, "POST", "/models/korean-chat/swap", {"checkpoint": str(broken)})
+    assert response.status_code == 422
+    assert "previous checkpoint keeps serving" in response.json()["error"]["message"]
+    row = client.models.retrieve("korean-chat").model_dump()
+    assert row["state"] == "ready" and row["checkpoint"] == str(server.checkpoints["awq"].resolve())
+    assert "unreadable" in row["last_error"]
+    body = {"checkpoint": "x", "options": {"dtype": 3}}
+    bad_options = _admin(server, "POST", "/models/korean-chat/swap", body)
+    assert bad_options.status_code == 400
+    assert _admin(server, "POST", "/models/nobody/swap", {"checkpoint": str(broken)}).status_code == 404
+
+
+def test_load_reports_loading_then_serves_then_unloads(client: openai.OpenAI, server: Server) -> None:
+    result: dict = {}
+    body = {"name": "extra", "checkpoint": str(server.checkpoints["bytes"])}
+    loader = threading.Thread(target=lambda: result.update(response=_admin(server, "POST", "/models", body)))
+    loader.start()
+    deadline = time.time() + 30
+    while "extra" not in {m.id for m in client.models.list().data} and time.time() < deadline:
+        time.sleep(0.1)
+    assert client.models.retrieve("extra").model_dump()["state"] == "loading"
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model="extra", messages=CHAT, max_tokens=2)
+    assert raised.value.status_code == 503
+    loader.join(600)
+    assert result["response"].status_code == 200, result["response"].text
+    assert result["response"].json()["state"] == "ready"
+    reply = client.chat.completions.create(model="extra", messages=CHAT, max_tokens=3, temperature=0)
+    assert reply.choices[0].message.content == "한"
+    assert _admin(server, "POST", "/models", {"name": "extra", "checkpoint": "/x"}).status_code == 409
+    assert _admin(server, "DELETE", "/models/extra").status_code == 200
+    assert "extra" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="extra", messages=CHAT, max_tokens=2)
+
+
+def test_the_pairwise_judge_runs_against_a_model_behind_this_server(
+    server: Server, tokenizer, tmp_path
+) -> None:
+    """`eval`'s judge with a real model as judge: AWQ-opt vs AWQ answered by our torch reference, judged by
+    a model answering "[[A]]" served here. A judge that always prefers position A makes every asked pair
+    a tie (MT-Bench's both-orders rule)."""
+    from lape_awq.quant.checkpoint import load_quantized_model
+    from lape_awq.quant.judge import JudgeClient, run_judge
+    from lape_awq.quant.judge_questions import load_questions
+
+    judge_dir = write_verdict_judge(tmp_path / "judge", tokenizer)
+    body = {"name": "judge", "checkpoint": str(judge_dir), "options": {"max_model_len": 4096}}
+    assert _admin(server, "POST", "/models", body).status_code == 200
+    try:
+        models = {name: load_quantized_model(server.checkpoints[name]) for name in ("awq", "awq-opt")}
+        judge = JudgeClient.connect(f"{server.url}/v1", API_KEY, "judge")
+        questions = load_questions()[0][:4]
+        result = run_judge(judge, models, tokenizer, questions, max_new_tokens=6, parallel=2, progress=False)
+    finally:
+        _admin(server, "DELETE", "/models/judge")
+    asked = [j for j in result.judgments if j.asked]
+    assert asked, "the two checkpoints answered every question identically"
+    assert all(j.replies == ("[[A]]", "[[A]]") and j.verdicts == ("A", "A") for j in asked)
+    assert result.counts(("awq-opt", "awq")) == {"win": 0, "tie": 4, "loss": 0, "error": 0}
+
+
+def _first_token_logprob(client: openai.OpenAI, model: str) -> tuple[float, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=CHAT, max_tokens=1, temperature=0, logprobs=True
+    )
+    return raw.parse().choices[0].logprobs.content[0].logprob, raw.headers["x-lape-awq-checkpoint"]
+
+
+def test_hot_swap_under_load_drops_no_request(client: openai.OpenAI, server: Server) -> None:
+    """16 streaming clients run throughout while korean-chat goes AWQ -> AWQ-opt -> AWQ."""
+    awq, opt = (str(server.checkpoints[k].resolve()) for k in ("awq", "awq-opt"))
+    reference = {
+        awq: _first_token_logprob(client, "korean-chat")[0],
+        opt: _first_token_logprob(client, "tiny-opt")[0],
+    }
+    assert abs(reference[awq] - reference[opt]) > 1e-3  # the two checkpoints are distinguishable
+    stop = threading.Event()
+    results: list[tuple[str, str | None, int]] = []  # (checkpoint that answered, error, missing tokens)
+    lock = threading.Lock()
+
+    def stream_forever(worker: int) -> None:
+        own = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
+        while not stop.is_set():
+            try:
+                wanted = 8 + worker % 5
+                raw = own.chat.completions.with_raw_response.create(
+                    model="korean-chat", messages=CHAT, max_tokens=wanted, temperature=0.7, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                usage = [c.usage for c in raw.parse() if c.usage is not None]
+                outcome = (raw.headers["x-lape-awq-checkpoint"], None, wanted - usage[-1].completion_tokens)
+            except Exception as error:  # every failure is a test failure, reported below
+                outcome = ("", repr(error), 0)
+            with lock:
+                results.append(outcome)
+
+    workers = [threading.Thread(target=stream_forever, args=(i,)) for i in range(16)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(3)
+        for target in (opt, awq):
+            response = _admin(server, "POST", "/models/korean-chat/swap", {"checkpoint": target})
+            assert response.status_code == 200, response.text
+            assert response.json()["checkpoint"] == target
+            logprob, answered_by = _first_token_logprob(client, "korean-chat")
+            assert answered_by == target
+            assert abs(logprob - reference[target]) < abs(reference[awq] - reference[opt]) / 2
+            time.sleep(2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(300)
+    errors = [error for _, error, _ in results if error]
+    assert not errors, errors[:3]
+    served = {checkpoint for checkpoint, _, _ in results}
+    assert served == {awq, opt}
+    assert len(results) >= 32 and all(missing == 0 for _, _, missing in results)
+    deadline = time.time() + 60  # the replaced engines stop once drained
+    while _admin(server, "GET", "/models").json()["draining"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert _admin(server, "GET", "/models").json()["draining"] == []
