@@ -95,9 +95,12 @@ def read_model_config(checkpoint: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise LoadError(f"{checkpoint} is not a model directory (no config.json)")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise LoadError(f"{config_file} is unreadable: {error}") from error
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_file} is not a JSON object")
+    return config
 
 
 def quant_method_of(config: dict[str, Any]) -> str:
@@ -166,7 +169,10 @@ async def start_engine(name: str, checkpoint: Path, options: EngineOptions) -> L
 
     checkpoint = checkpoint.expanduser().resolve()
     config = read_model_config(checkpoint)
-    args = vllm_server_args(name, checkpoint, options, config)
+    try:
+        args = vllm_server_args(name, checkpoint, options, config)
+    except (SystemExit, ValueError, OSError) as error:  # argparse exits on a value vLLM does not accept
+        raise LoadError(f"vLLM refused the engine options {options} (details in the server log)") from error
     engine_args = AsyncEngineArgs.from_cli_args(args)
     try:
         # Config creation runs the quantization plugin's checkpoint validation; both steps block for

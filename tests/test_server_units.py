@@ -172,3 +172,20 @@ def test_serve_refuses_bad_arguments_before_starting_anything(argv, message, cap
     with refused:
         assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        ("[1, 2]", EngineOptions(), "not a JSON object"),
+        ("{not json", EngineOptions(), "unreadable"),
+        ('{"model_type": "llama"}', EngineOptions(dtype="float7"), "vLLM refused the engine options"),
+    ],
+)
+def test_a_checkpoint_or_options_vllm_cannot_take_is_a_load_error(tmp_path, config, options, message) -> None:
+    """Never an exception that escapes the admin API as a 500 (or an argparse exit that stops the server)."""
+    from lape_awq.server.engines import start_engine
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(LoadError, match=message):
+        asyncio.run(start_engine("x", tmp_path, options))
