@@ -348,7 +348,6 @@ def test_metrics_count_exact_tokens_and_observe_ttft(client: openai.OpenAI, serv
     assert metric(server, "lape_awq_generation_tokens_total", model="bytes") - before["tokens"] == 18
     assert metric(server, "lape_awq_time_to_first_token_seconds_count", model="bytes") - before["ttft"] == 2
     assert metric(server, "lape_awq_requests_total", model="bytes", status="200") - before["requests"] == 2
-    assert metric(server, "lape_awq_request_errors_total", model="-", status="404") >= 0
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_engine_request(server: Server) -> None:
