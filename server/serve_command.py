@@ -55,6 +55,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         "--max-in-flight", type=int, default=256, help="requests per model before 429 Too Many Requests"
     )
     parser.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 beyond)")
+    parser.add_argument(
+        "--quantization", default="auto",
+        help="auto (default): plain AWQ checkpoints run on lape_awq, others as vLLM picks; awq: stock vLLM "
+        "AWQ; any other vLLM quantization method name",
+    )  # fmt: skip
     parser.add_argument("--chat-template", help="Jinja chat template file for models without one")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
     parser.add_argument("--log-prompts", action="store_true", help="log prompt text (off: metadata only)")
@@ -92,6 +97,7 @@ def _run_serve(args: argparse.Namespace) -> None:
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
             enforce_eager=args.enforce_eager, chat_template=args.chat_template,
+            quantization=args.quantization,
         )  # fmt: skip
     except ValueError as error:
         raise UserError(str(error)) from error

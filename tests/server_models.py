@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from test_checkpoint import write
 from test_vllm_method import KEPT, boost_residuals
+from transformers import AutoModelForCausalLM
 
 from conftest import VLLM_ATTENTION, build_tiny_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
@@ -69,6 +70,22 @@ def write_scripted_model(path: Path, tokenizer, script: list[int], then: int | N
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_scripted_quantized_pair(root: Path, tokenizer, text: str) -> dict[str, Path]:
+    """`awq` and `awq-opt` (RTN W4 g32) checkpoints of a scripted model answering `text` (distinct tokens)
+    over and over. The script survives quantization: it lives in the embeddings and the unembedding, which
+    stay in float, while the attention and MLP outputs stay zero."""
+    scripted = write_scripted_model(
+        root / "scripted-fp", tokenizer, tokenizer(text, add_special_tokens=False).input_ids
+    )
+    model = AutoModelForCausalLM.from_pretrained(scripted, dtype=torch.float32)
+    paths = {}
+    for name, kept in (("awq", None), ("awq-opt", KEPT)):
+        quantized = quantize_model(model, None, QuantSpec("rtn", group_size=32), kept=kept, progress=False)
+        paths[name] = root / f"scripted-{name}"
+        write(paths[name], model, tokenizer, quantized, kept)
+    return paths
 
 
 def write_byte_cycle_model(path: Path, tokenizer) -> Path:

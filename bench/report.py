@@ -1,0 +1,372 @@
+"""`lape-awq bench report`: the FP / AWQ / AWQ-opt table and the README's Results, built from result files.
+
+Reads the newest result files in bench/results (by the date in their names):
+- quality: every `*eval.json` (and `*judge.json`) in the newest `quality_<date>/` folder (`lape-awq eval`),
+- engine speed: `vllm_speed_<date>.json` (`python -m lape_awq.bench.vllm_speed`),
+- serving: `serve_matrix_<date>.json` (`lape-awq bench serve`),
+- offline pipeline: `pipeline_speed_<date>.json` (`make bench-pipeline`),
+- GPU kernels: `kernels_<card>_<date>.md` (`lape-awq bench kernels`), when a GPU has run it.
+
+Writes bench/results/report_<date>.md (the seed paper's table: per method the quality columns, decode
+tokens/s and memory) and, with --readme, replaces the README's Results section (between its
+`<!-- results:begin -->` and `<!-- results:end -->` markers) with tables generated from the same files.
+
+    lape-awq bench report [--readme README.md] [--awq NAME] [--awq-opt NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lape_awq.quant.errors import UserError
+
+RESULTS = Path(__file__).parent / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+MiB = 1 << 20
+# The quality_matrix.sh checkpoint names of the default recipe and its AWQ baseline.
+DEFAULT_AWQ, DEFAULT_AWQ_OPT = "awq-mix8", "awq-opt-mix8"
+# Names of the three methods in each benchmark's records.
+SPEED_METHODS = {"fp": "fp", "awq": "our awq", "awq-opt": "our awq-opt"}
+SERVE_CONFIGS = {"fp": "fp", "awq": "awq", "awq-opt": "awq-opt"}
+METHOD_LABELS = {"fp": "FP", "awq": "AWQ", "awq-opt": "AWQ-opt"}
+_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
+
+
+@dataclass
+class Sources:
+    """The result files a report is built from (None where none exists)."""
+
+    evals: list[Path]
+    judge: Path | None
+    speed: Path | None
+    serve: Path | None
+    pipeline: Path | None
+    kernels: Path | None
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    dated = [(m.group(1), str(p), p) for p in paths if (m := _DATE.search(p.name))]
+    return max(dated)[2] if dated else None
+
+
+def find_sources(results: Path) -> Sources:
+    """The newest file of each kind under `results`."""
+    quality = _newest([p for p in results.glob("quality_*") if p.is_dir()])
+    judges = sorted(quality.glob("*judge.json")) if quality else []
+    return Sources(
+        evals=sorted(quality.glob("*eval.json")) if quality else [],
+        judge=judges[-1] if judges else None,
+        speed=_newest(list(results.glob("vllm_speed_*.json"))),
+        serve=_newest(list(results.glob("serve_matrix_*.json"))),
+        pipeline=_newest(list(results.glob("pipeline_speed_*.json"))),
+        kernels=_newest([p for p in results.glob("kernels_*.md") if "_smoke" not in p.name]),
+    )
+
+
+def _load(path: Path | None) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path else None
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1f}%"
+
+
+def _ppl_cell(result: dict[str, Any], reference: bool) -> str:
+    return f"{result['ppl']:.2f}" + ("" if reference else f" ({_pct(result['ppl_change_pct'])})")
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+# --- quality --------------------------------------------------------------------------------------------
+
+
+def eval_groups(paths: list[Path]) -> list[dict[str, Any]]:
+    """Eval files merged where they scored the same texts (same languages and token budget): a group has
+    `langs`, `max_tokens`, `files` and `models` (name -> per-language results, FP first)."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        langs = tuple(data["texts"])
+        key = (langs, data["max_tokens"], tuple(t["sha256"] for t in data["texts"].values()))
+        group = groups.setdefault(key, {"langs": langs, "max_tokens": data["max_tokens"], "files": [],
+                                        "reference": data["reference"], "models": {}})  # fmt: skip
+        group["files"].append(path)
+        for model in data["models"]:
+            group["models"].setdefault(model["name"], model["langs"])
+    return list(groups.values())
+
+
+def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str, lang: str) -> float | None:
+    """Share of the baseline's perplexity gap to FP that `name` closes: (base - x) / (base - fp)."""
+    if name not in models or baseline not in models or lang not in models[name]:
+        return None
+    fp, base, ppl = (models[n][lang]["ppl"] for n in (reference, baseline, name))
+    return (base - ppl) / (base - fp) if base != fp else None
+
+
+def _calibration_baseline(name: str, models: dict[str, Any]) -> str | None:
+    """The plain AWQ checkpoint with the same calibration suffix (quality_matrix.sh's naming)."""
+    if not name.startswith("awq-opt"):
+        return None
+    candidate = f"awq-{name.rsplit('-', 1)[-1]}"
+    return candidate if candidate in models else None
+
+
+def quality_table(group: dict[str, Any]) -> str:
+    """Every checkpoint of one eval group: perplexity (and its change vs FP) per language, KL(FP || Q)
+    and top-1 agreement (per language for two languages, else their means), and for AWQ-opt checkpoints
+    the share of the same-calibration AWQ's ko gap they close."""
+    langs, models, ref = group["langs"], group["models"], group["reference"]
+    wide = len(langs) <= 2
+    head = [f"{lang} ppl (vs FP)" for lang in langs]
+    head += (
+        [f"KL {lang}" for lang in langs] + [f"top-1 {lang}" for lang in langs]
+        if wide
+        else ["mean KL", "mean top-1"]
+    )
+    with_gap = "ko" in langs and any(_calibration_baseline(n, models) for n in models)
+    head += ["ko gap closed vs same-calibration AWQ"] if with_gap else []
+    lines = ["| checkpoint | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for name, results in models.items():
+        cells = [_ppl_cell(results[lang], name == ref) for lang in langs]
+        kl = [results[lang]["kl"] for lang in langs]
+        top1 = [results[lang]["top1"] for lang in langs]
+        if name == ref:
+            cells += [""] * (len(head) - len(cells))
+        else:
+            if wide:
+                cells += [f"{x:.3f}" for x in kl] + [f"{100 * x:.1f}%" for x in top1]
+            else:
+                cells += [f"{sum(kl) / len(kl):.3f}", f"{100 * sum(top1) / len(top1):.1f}%"]
+            if with_gap:
+                base = _calibration_baseline(name, models)
+                share = gap_closed(models, name, base, ref, "ko") if base else None
+                cells.append("" if share is None else f"{100 * share:.1f}% (vs {base})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def judge_win_rate(judge: dict[str, Any] | None, name: str, opponent: str) -> float | None:
+    """`name`'s win rate against `opponent` from a judge.json (either order of the pair)."""
+    for pair in (judge or {}).get("pairs", []):
+        rate = pair["win_rate"]
+        if rate is not None and (pair["first"], pair["second"]) == (name, opponent):
+            return rate
+        if rate is not None and (pair["first"], pair["second"]) == (opponent, name):
+            return 1.0 - rate
+    return None
+
+
+# --- the seed paper's table -----------------------------------------------------------------------------
+
+
+def seed_table(sources: Sources, awq: str, awq_opt: str) -> str:
+    """Per method (FP, AWQ, AWQ-opt): quality on the first eval group holding both checkpoints, judge win
+    rate vs AWQ (when judged), engine decode tok/s at batch 1, served output tok/s at the lowest and highest
+    concurrency, checkpoint weights and the serving process's peak RSS."""
+    eval_names = {"fp": None, "awq": awq, "awq-opt": awq_opt}
+    group = next(
+        (g for g in eval_groups(sources.evals) if awq in g["models"] and awq_opt in g["models"]), None
+    )
+    if group is None:
+        raise UserError(f"no eval results hold both {awq!r} and {awq_opt!r} (files: {sources.evals})")
+    eval_names["fp"] = group["reference"]
+    langs, models = group["langs"], group["models"]
+    judge = _load(sources.judge)
+    speed, serve = _load(sources.speed), _load(sources.serve)
+    speed_rows = {r["method"]: r for r in (speed or {}).get("rows", []) if r["model"] == "gemma3-270m"}
+    cells = {}
+    if serve:
+        from lape_awq.bench.serve_matrix import aggregate
+
+        cells = {(c["config"], c["concurrency"]): c for c in aggregate(serve)}
+        levels = serve["settings"]["concurrency"]
+        low, high = min(levels), max(levels)
+        configs = {e["name"]: e for e in serve["configs"] if e["status"] == "ok"}
+    head = [f"{lang} ppl (vs FP)" for lang in langs] + ["KL ko", "top-1 ko"]
+    head += ["judge win rate vs AWQ"] if judge else []
+    head += ["engine decode tok/s (b1)"] if speed else []
+    head += [f"served out tok/s ({low} client{'s' * (low > 1)})", f"served out tok/s ({high} clients)",
+             "weights MiB", "peak RSS MiB"] if serve else []  # fmt: skip
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for method, name in eval_names.items():
+        results = models[name]
+        row = [_ppl_cell(results[lang], method == "fp") for lang in langs]
+        row += (
+            ["", ""]
+            if method == "fp"
+            else [f"{results['ko']['kl']:.3f}", f"{100 * results['ko']['top1']:.1f}%"]
+        )
+        if judge:
+            rate = None if method == "awq" else judge_win_rate(judge, name, awq)
+            row.append("" if rate is None else f"{100 * rate:.1f}%")
+        if speed:
+            row.append(_num(speed_rows.get(SPEED_METHODS[method], {}).get("decode_tok_s_b1")))
+        if serve:
+            config = SERVE_CONFIGS[method]
+            row += [_num((cells.get((config, c)) or {}).get("output_throughput")) for c in (low, high)]
+            entry = configs.get(config)
+            row += [_num(entry["weight_bytes"] / MiB) if entry else "-",
+                    _num(entry["memory"]["peak_rss"] / MiB) if entry else "-"]  # fmt: skip
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# --- the README's Results section -----------------------------------------------------------------------
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _link(path: Path, base: Path) -> str:
+    return f"[`{_rel(path, base)}`]({_rel(path, base)})"
+
+
+def _stamp(record: dict[str, Any]) -> str:
+    machine = record["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores"
+    versions = ", ".join(f"{k} {machine[k]}" for k in ("torch", "vllm") if machine.get(k))
+    return f"{where}, {versions}; {record['date'][:10]}, commit {record['commit']}"
+
+
+def pipeline_table(record: dict[str, Any]) -> str:
+    return "\n".join([
+        "| stage | time | detail |",
+        "|---|---:|---|",
+        f"| LAPE over {len(record['calibration']['langs'])} languages | {record['lape_seconds']:.1f} s | "
+        f"{record['lape_tokens']:,} tokens at {record['lape_tokens_per_second']:,.0f} tokens/s; "
+        f"{record['korean_neurons']} Korean neurons |",
+        f"| AWQ-opt quantization | {record['quantize_seconds']:.1f} s | "
+        f"{record['calibration']['samples']} x {record['calibration']['seqlen']} calibration tokens; sparse "
+        f"part {100 * record['sizes']['sparse_fraction']:.3f}% of the rest |",
+        f"| whole pipeline | {record['total_seconds']:.1f} s | target <= {record['target_seconds']:.0f} s |",
+    ])  # fmt: skip
+
+
+QUALITY_NOTE = """\
+Reproduce: `bash bench/quality_matrix.sh` (about 52 minutes). Perplexity on held-out text, KL(FP || Q) in
+nats per token, top-1 agreement with FP. Names: method, then calibration (`en`: English only, as in the AWQ
+paper; `mix8`: the 8 languages, the default); `random`: as many random neurons as LAPE found (the control);
+`top4`: LAPE top-rate 0.04."""
+SPEED_NOTE = """\
+Reproduce: `python -m lape_awq.bench.vllm_speed` (run it alone). Decode: 64 new tokens after 32-token
+prompts at batch 1 and 16; prefill: 8 x 256 tokens; medians of interleaved rounds. RTN checkpoints (speed
+does not depend on how the codes were chosen), AWQ-opt with 0.25% random kept neurons per MLP. Ratios are
+to `our awq`."""
+SERVE_NOTE = """\
+Reproduce: `lape-awq bench serve` (run it alone). One `lape-awq serve` process per configuration;
+{repeats} rounds of closed-loop streaming load, {duration:.0f} s per cell, {max_tokens} tokens per answer,
+Korean and English chat prompts. Cells are means over rounds, spread is (max - min) / mean of the output
+throughput, ratios are to `{baseline}`. Weights: the checkpoint's safetensors; RSS: summed over the
+server's process tree."""
+NO_GPU_NOTE = """\
+Not yet measured: no GPU has run `lape-awq bench kernels` for this project, so the kernels' speed targets
+(M = 1 at >= 70% of the card's memory bandwidth and >= 2.5x FP16 cuBLAS, prefill within 1.3x of cuBLAS)
+are unverified."""
+
+
+def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str:
+    """The README's Results section: every table generated from `sources`, with where each came from
+    (machine, date, commit) and the command that reproduces it. Links are relative to `base`."""
+    from lape_awq.bench.serve_matrix import markdown_tables
+    from lape_awq.bench.vllm_speed import markdown_table
+
+    speed, serve, pipeline = _load(sources.speed), _load(sources.serve), _load(sources.pipeline)
+    origin = [f"quality {', '.join(_link(p, base) for p in sources.evals)}"]
+    origin += [f"judge {_link(sources.judge, base)}"] if sources.judge else []
+    origin += [f"engine speed {_link(sources.speed, base)}"] if speed else []
+    origin += [f"serving {_link(sources.serve, base)}"] if serve else []
+    parts = [
+        "## Results",
+        "",
+        "_Generated by `lape-awq bench report --readme README.md` from the newest files in `bench/results/`;",
+        "do not edit between the markers._",
+        "",
+        "### FP vs AWQ vs AWQ-opt on the default model (Gemma 3 270M)",
+        "",
+        f"From: {'; '.join(origin)}. AWQ is `{awq}` and AWQ-opt `{awq_opt}` (the default recipe) of",
+        "`bench/quality_matrix.sh`; speed and memory columns are the same methods on the default model.",
+        "",
+        seed_table(sources, awq, awq_opt),
+        "",
+        "### Quality of every recipe",
+        "",
+        QUALITY_NOTE,
+    ]
+    for group in eval_groups(sources.evals):
+        files = ", ".join(_link(p, base) for p in group["files"])
+        head = f"{', '.join(group['langs'])}: first {group['max_tokens']:,} held-out tokens per language"
+        parts += ["", f"{head} ({files})", "", quality_table(group)]
+    if speed:
+        parts += ["", "### vLLM engine speed and weight memory", "",
+                  f"{_link(sources.speed, base)} ({_stamp(speed)}).", SPEED_NOTE, "",
+                  markdown_table(speed).rstrip()]  # fmt: skip
+    if serve:
+        parts += ["", "### Serving matrix", "", f"{_link(sources.serve, base)} ({_stamp(serve)}).",
+                  SERVE_NOTE.format(**serve["settings"]), "", markdown_tables(serve).rstrip(), "",
+                  f"![serving matrix]({_rel(sources.serve.with_suffix('.png'), base)})"]  # fmt: skip
+    if pipeline:
+        parts += ["", "### Offline pipeline", "",
+                  f"{_link(sources.pipeline, base)} ({_stamp(pipeline)}). Reproduce: `make bench-pipeline`.",
+                  "", pipeline_table(pipeline)]  # fmt: skip
+    parts += ["", "### GPU kernels", ""]
+    if sources.kernels:
+        parts += [f"{_link(sources.kernels, base)}. Reproduce: `lape-awq bench kernels` on the card.", "",
+                  sources.kernels.read_text().split("\n", 2)[-1].rstrip()]  # fmt: skip
+    else:
+        parts.append(NO_GPU_NOTE)
+    return "\n".join(parts) + "\n"
+
+
+def replace_results(readme: str, section: str) -> str:
+    """`readme` with the text between the results markers replaced by `section`."""
+    start, end = readme.find(BEGIN), readme.find(END)
+    if start < 0 or end < start:
+        raise UserError(f"the README has no {BEGIN} ... {END} block to fill")
+    return readme[: start + len(BEGIN)] + "\n" + section + readme[end:]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of result files")
+    parser.add_argument("--awq", default=DEFAULT_AWQ, help="eval name of the AWQ checkpoint")
+    parser.add_argument("--awq-opt", default=DEFAULT_AWQ_OPT, help="eval name of the AWQ-opt checkpoint")
+    parser.add_argument("--readme", type=Path, help="README whose Results section is regenerated")
+    parser.add_argument("--out", type=Path, help="where report_<date>.md goes (default: --results)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write report_<date>.md (and the README's Results section with --readme)."""
+    sources = find_sources(args.results)
+    if not sources.evals:
+        raise UserError(f"no quality_<date>/ folder with eval results in {args.results}")
+    out = args.out or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = out / f"report_{date}.md"
+    table = seed_table(sources, args.awq, args.awq_opt)
+    path.write_text(
+        "# FP vs AWQ vs AWQ-opt\n\nFrom: " + ", ".join(_link(p, out) for p in
+        [*sources.evals, sources.judge, sources.speed, sources.serve] if p) + "\n\n" + table + "\n"
+    )  # fmt: skip
+    print(table)
+    print(f"wrote {path}")
+    if args.readme:
+        readme = args.readme.read_text()
+        updated = replace_results(
+            readme, results_section(sources, args.readme.parent, args.awq, args.awq_opt)
+        )
+        tmp = args.readme.with_suffix(".tmp")
+        tmp.write_text(updated)
+        tmp.replace(args.readme)
+        print(f"updated the Results section of {args.readme}")
+    return 0

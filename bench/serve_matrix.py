@@ -1,0 +1,350 @@
+"""The serving matrix: FP, stock vLLM AWQ, our AWQ and our AWQ-opt x concurrency, in one run on one machine.
+
+Each configuration is one `lape-awq serve` process (started one after another, then all kept alive, so
+its peak memory is its own). The load (`lape-awq bench load`'s closed loop, streaming, fixed-seed Korean
+and English prompts) then runs in rounds: every concurrency on every configuration, the configuration
+order reversed every other round, so a slow phase of a noisy machine hits every configuration alike.
+Each cell is the mean of its rounds; the spread is (max - min) / mean. Ratios are to the baseline
+configuration (our AWQ). A configuration whose server cannot start (stock AWQ where vLLM refuses it) is
+reported as skipped, with the server's reason.
+
+    lape-awq bench serve                          # default model: fp, stock-awq, awq, awq-opt
+    lape-awq bench serve --config NAME[@QUANT]=DIR ... [--concurrency 1,4,16,32] [--repeats 2]
+
+Writes bench/results/serve_matrix_<date>[_<tag>].{json,md,png}: JSON with machine, versions, settings,
+memory and every request; the markdown tables; plots of throughput vs concurrency, the latency CDF and
+memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.serve_load import run_load, summarize
+from lape_awq.quant.errors import UserError
+
+DEFAULT_CONCURRENCY = (1, 4, 16, 32)
+BASELINE = "awq"
+MiB = 1 << 20
+# cell key -> (label, where in the summary, scale)
+CELL_METRICS = {
+    "output_throughput": ("out tok/s", ("output_throughput",), 1.0),
+    "request_throughput": ("req/s", ("request_throughput",), 1.0),
+    "ttft_median_ms": ("TTFT p50 ms", ("ttft", "median_ms"), 1.0),
+    "ttft_p99_ms": ("TTFT p99 ms", ("ttft", "p99_ms"), 1.0),
+    "tpot_median_ms": ("TPOT p50 ms", ("tpot", "median_ms"), 1.0),
+    "itl_median_ms": ("ITL p50 ms", ("itl", "median_ms"), 1.0),
+    "e2el_median_s": ("E2E p50 s", ("e2el", "median_ms"), 1e-3),
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One served configuration: a name, a checkpoint and the engine quantization it runs under."""
+
+    name: str
+    checkpoint: Path
+    quantization: str = "auto"  # `lape-awq serve --quantization`: auto, awq (stock vLLM), lape_awq, ...
+
+
+def parse_config(text: str) -> ServeConfig:
+    """`NAME=DIR` or `NAME@QUANTIZATION=DIR`."""
+    label, sep, path = text.partition("=")
+    name, _, quantization = label.partition("@")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME[@QUANTIZATION]=DIR, got {text!r}")
+    return ServeConfig(name, Path(path).expanduser(), quantization or "auto")
+
+
+def default_configs(progress: bool) -> list[ServeConfig]:
+    """The default model in float, its AWQ checkpoint on stock vLLM AWQ and on ours, and its AWQ-opt."""
+    from lape_awq.quant.default_checkpoints import ensure_default_checkpoint
+    from lape_awq.quant.default_model import prepare_default_model
+
+    awq = ensure_default_checkpoint("awq", progress=progress)
+    return [
+        ServeConfig("fp", prepare_default_model()),
+        ServeConfig("stock-awq", awq, "awq"),
+        ServeConfig("awq", awq, "lape_awq"),
+        ServeConfig("awq-opt", ensure_default_checkpoint("awq-opt", progress=progress), "lape_awq"),
+    ]
+
+
+def weight_bytes(checkpoint: Path) -> int:
+    """Bytes of the checkpoint's safetensors files (the weights as stored, sparse FP16 part included)."""
+    return sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+
+
+def _rounded(sample: dict[str, Any]) -> dict[str, Any]:
+    """A request sample with times in microseconds' precision (keeps the JSON small)."""
+    out = dict(sample)
+    for key in ("ttft", "latency"):
+        if out[key] is not None:
+            out[key] = round(out[key], 6)
+    out["itl"] = [round(x, 6) for x in out["itl"]]
+    return out
+
+
+def run_matrix(
+    configs: list[ServeConfig], concurrencies: list[int], repeats: int, load: dict[str, Any],
+    serve_args: list[str], start_timeout: float, workdir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Start every configuration's server, run the rounds, stop them; the result record (no file I/O)."""
+    from lape_awq.bench.server_process import ServerProcess
+
+    entries: list[dict[str, Any]] = []
+    servers: dict[str, ServerProcess] = {}
+    runs: list[dict[str, Any]] = []
+    try:
+        for index, config in enumerate(configs, 1):
+            print(f"[start {index}/{len(configs)}] {config.name}: {config.checkpoint}", flush=True)
+            entry = {**asdict(config), "checkpoint": str(config.checkpoint)}
+            entry |= {"weight_bytes": weight_bytes(config.checkpoint), "status": "ok", "reason": None}
+            args = [*serve_args, "--quantization", config.quantization]
+            server = ServerProcess(config.name, config.checkpoint, args, workdir / f"{config.name}.log")
+            reason = server.wait_ready(start_timeout)
+            if reason is None:
+                servers[config.name] = server
+            else:
+                entry |= {"status": "skipped", "reason": reason, "memory": asdict(server.stop())}
+                print(f"  skipped: {reason}", flush=True)
+            entries.append(entry)
+        if not servers:
+            raise UserError("no configuration could be served: " + "; ".join(e["reason"] for e in entries))
+        live = [c for c in configs if c.name in servers]
+        total, done = repeats * len(concurrencies) * len(live), 0
+        for round_ in range(repeats):
+            order = live if round_ % 2 == 0 else live[::-1]
+            for concurrency in concurrencies:
+                for config in order:
+                    samples, seconds = asyncio.run(
+                        run_load(servers[config.name].url, config.name, None, concurrency, **load)
+                    )
+                    summary = summarize(samples, seconds)
+                    runs.append({
+                        "config": config.name, "concurrency": concurrency, "round": round_,
+                        "summary": summary,
+                        "errors": sorted({s.error for s in samples if s.error})[:10],
+                        "samples": [_rounded(asdict(s)) for s in samples],
+                    })  # fmt: skip
+                    done += 1
+                    print(
+                        f"[{done}/{total}] round {round_ + 1} c={concurrency:<3} {config.name:<12} "
+                        f"{summary['output_throughput']:8.1f} out tok/s  TTFT p50 "
+                        f"{summary['ttft']['median_ms'] or float('nan'):8.1f} ms  TPOT p50 "
+                        f"{summary['tpot']['median_ms'] or float('nan'):7.1f} ms  failed {summary['failed']}",
+                        flush=True,
+                    )
+    finally:
+        for name, server in servers.items():
+            peaks = server.stop()
+            next(e for e in entries if e["name"] == name)["memory"] = asdict(peaks)
+    return {"configs": entries, "runs": runs}
+
+
+def _metric(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = summary
+    for key in path:
+        value = value[key]
+    return value
+
+
+def aggregate(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (configuration, concurrency): the mean of each metric over the rounds, the spread
+    (max - min) / mean of the output throughput, failures summed, ratios to the baseline's same cell."""
+    baseline = record["settings"]["baseline"]
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in record["runs"]:
+        row = rows.setdefault((run["config"], run["concurrency"]), {"values": {}, "failed": 0, "rounds": 0})
+        row["failed"] += run["summary"]["failed"]
+        row["rounds"] += 1
+        for key, (_, path, scale) in CELL_METRICS.items():
+            value = _metric(run["summary"], path)
+            row["values"].setdefault(key, []).append(None if value is None else value * scale)
+    out = []
+    for (config, concurrency), row in rows.items():
+        cell = {
+            "config": config,
+            "concurrency": concurrency,
+            "rounds": row["rounds"],
+            "failed": row["failed"],
+        }
+        for key, values in row["values"].items():
+            known = [v for v in values if v is not None]
+            cell[key] = float(np.mean(known)) if known else None
+        throughputs = row["values"]["output_throughput"]
+        mean = float(np.mean(throughputs))
+        cell["output_throughput_spread"] = (max(throughputs) - min(throughputs)) / mean if mean else None
+        out.append(cell)
+    base = {c["concurrency"]: c for c in out if c["config"] == baseline}
+    for cell in out:
+        ref = base.get(cell["concurrency"])
+        for key in ("output_throughput", "tpot_median_ms", "ttft_median_ms"):
+            ok = ref is not None and cell[key] is not None and ref[key]
+            cell[f"{key}_vs_baseline"] = cell[key] / ref[key] if ok else None
+    return out
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_tables(record: dict[str, Any]) -> str:
+    """The throughput/latency table per cell, then the memory table, then skipped configurations."""
+    baseline = record["settings"]["baseline"]
+    lines = [
+        f"| config | clients | out tok/s | spread | vs {baseline} | req/s | TTFT p50 ms | TTFT p99 ms "
+        f"| TPOT p50 ms | TPOT vs {baseline} | ITL p50 ms | E2E p50 s | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cells = aggregate(record)
+    order = [c["name"] for c in record["configs"]]
+    for c in sorted(cells, key=lambda c: (c["concurrency"], order.index(c["config"]))):
+        spread = c["output_throughput_spread"]
+        lines.append(
+            f"| {c['config']} | {c['concurrency']} | {_fmt(c['output_throughput'])} | "
+            f"{'-' if spread is None else f'{100 * spread:.1f}%'} | "
+            f"{_fmt(c['output_throughput_vs_baseline'], 3)} | "
+            f"{_fmt(c['request_throughput'], 2)} | {_fmt(c['ttft_median_ms'])} | {_fmt(c['ttft_p99_ms'])} | "
+            f"{_fmt(c['tpot_median_ms'])} | {_fmt(c['tpot_median_ms_vs_baseline'], 3)} | "
+            f"{_fmt(c['itl_median_ms'])} | {_fmt(c['e2el_median_s'], 2)} | {c['failed']} |"
+        )
+    lines += ["", memory_table(record)]
+    skipped = [e for e in record["configs"] if e["status"] != "ok"]
+    if skipped:
+        lines += [""] + [
+            f"- {e['name']} (`--quantization {e['quantization']}`) skipped: {e['reason']}" for e in skipped
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def memory_table(record: dict[str, Any]) -> str:
+    """Weights on disk and the serving process tree's memory, with ratios to the baseline."""
+    baseline = record["settings"]["baseline"]
+    entries = [e for e in record["configs"] if e["status"] == "ok"]
+    gpu = any(e["memory"].get("peak_gpu") is not None for e in entries)
+    base = next((e for e in entries if e["name"] == baseline), None)
+
+    def ratio(entry: dict[str, Any], get) -> str:
+        return f" ({get(entry) / get(base):.3f}x)" if base and entry is not base and get(base) else ""
+
+    header = "| config | engine quantization | weights MiB | ready RSS MiB | peak RSS MiB |"
+    lines = [
+        header + (" peak GPU MiB |" if gpu else ""),
+        "|---|---|---:|---:|---:|" + ("---:|" if gpu else ""),
+    ]
+    for e in entries:
+        mem = e["memory"]
+        row = (
+            f"| {e['name']} | {e['quantization']} | {e['weight_bytes'] / MiB:,.1f}"
+            f"{ratio(e, lambda x: x['weight_bytes'])} | {_fmt((mem['ready_rss'] or 0) / MiB)} | "
+            f"{mem['peak_rss'] / MiB:,.1f}{ratio(e, lambda x: x['memory']['peak_rss'])} |"
+        )
+        if gpu:
+            row += (
+                f" {_fmt((mem['peak_gpu'] or 0) / MiB)}{ratio(e, lambda x: x['memory']['peak_gpu'] or 0)} |"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrencies must be positive integers")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", dest="configs", action="append", type=parse_config, metavar="NAME[@QUANT]=DIR",
+        help="a configuration to serve (repeatable); QUANT is `lape-awq serve --quantization` (default auto: "
+        "AWQ on lape_awq, awq: stock vLLM AWQ). Default: the default model's fp, stock-awq, awq, awq-opt",
+    )  # fmt: skip
+    parser.add_argument("--baseline", default=BASELINE, help="the configuration ratios are taken to")
+    parser.add_argument(
+        "--concurrency", type=_concurrencies, default=list(DEFAULT_CONCURRENCY), help="e.g. 1,4,16,32"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over the whole matrix")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of measured load per cell")
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent (not counted) before each cell")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (ignore_eos)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt order")
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to start")
+    serve = parser.add_argument_group("server options (passed to every `lape-awq serve`)")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache per server")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="CUDA: fraction per server")
+    serve.add_argument("--max-num-seqs", type=int, help="default: the largest concurrency")
+    serve.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars while building checkpoints")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the matrix; write JSON, markdown and PNG under --out; exit 1 if any request failed."""
+    from lape_awq.bench.serve_plots import plot_matrix
+
+    if args.repeats < 1 or args.duration <= 0 or args.max_tokens < 1 or args.warmup < 0:
+        raise UserError("--repeats, --duration and --max-tokens must be positive, --warmup >= 0")
+    configs = args.configs or default_configs(progress=not args.quiet)
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise UserError(f"configuration names must be distinct: {names}")
+    for config in configs:
+        if not (config.checkpoint / "config.json").is_file():
+            raise UserError(f"--config {config.name}: {config.checkpoint} is not a model directory")
+    baseline = args.baseline if args.baseline in names else names[0]
+    serve_args = [
+        "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--kv-cache-gib",
+        str(args.kv_cache_gib), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--max-num-seqs", str(args.max_num_seqs or max(args.concurrency)),
+        "--max-in-flight", str(4 * max(args.concurrency) + 16),
+    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
+    load = {
+        "duration": args.duration, "warmup": args.warmup, "max_tokens": args.max_tokens, "seed": args.seed,
+    }  # fmt: skip
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory(prefix="lape-awq-bench-serve-") as tmp:
+        result = run_matrix(
+            configs, args.concurrency, args.repeats, load, serve_args, args.start_timeout, Path(tmp)
+        )
+    record = {
+        "benchmark": "serve_matrix",
+        "date": date,
+        "commit": git_commit(),
+        "machine": machine(),
+        "settings": {
+            "baseline": baseline,
+            "concurrency": args.concurrency,
+            "repeats": args.repeats,
+            **load,
+            "serve_args": serve_args,
+            "prompts": "packaged Korean judge questions + English prompts, seeded",
+        },
+        **result,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve_matrix_{date[:10]}{('_' + args.tag) if args.tag else ''}"
+    table = markdown_tables(record)
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    plot_matrix(record, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, .md and .png")
+    return 0 if all(run["summary"]["failed"] == 0 for run in record["runs"]) else 1
