@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 CLASH := torchvision torchaudio torchcodec
 
-.PHONY: install install-test demo test lint bench-lape bench-pipeline
+.PHONY: install install-test demo test lint bench-lape bench-pipeline bench-serve report
 
 # The editable build leaves lape_awq.egg-info in the source tree; with the tree on sys.path
 # (python -m pytest) its stale entry points would shadow the installed ones, so it goes.
@@ -37,3 +37,11 @@ bench-lape: install
 
 bench-pipeline: install
 	$(PYTHON) -m lape_awq.bench.pipeline_speed
+
+# The serving matrix on the default model (about 25 minutes on 2 cores; builds missing checkpoints first).
+bench-serve: install
+	lape-awq bench serve
+
+# The FP / AWQ / AWQ-opt table and the README's Results, from the newest files in bench/results.
+report: install
+	lape-awq bench report --readme README.md

@@ -170,17 +170,18 @@ def judge_win_rate(judge: dict[str, Any] | None, name: str, opponent: str) -> fl
 
 
 def seed_table(sources: Sources, awq: str, awq_opt: str) -> str:
-    """Per method (FP, AWQ, AWQ-opt): quality on the first eval group holding both checkpoints, judge win
-    rate vs AWQ (when judged), engine decode tok/s at batch 1, served output tok/s at the lowest and highest
-    concurrency, checkpoint weights and the serving process's peak RSS."""
+    """Per method (FP, AWQ, AWQ-opt): quality on the first eval group holding both checkpoints (and the
+    mean perplexity change over every other such group's languages), judge win rate vs AWQ (when judged),
+    engine decode tok/s at batch 1, served output tok/s at the lowest and highest concurrency, checkpoint
+    weights and the serving process's peak RSS."""
     eval_names = {"fp": None, "awq": awq, "awq-opt": awq_opt}
-    group = next(
-        (g for g in eval_groups(sources.evals) if awq in g["models"] and awq_opt in g["models"]), None
-    )
+    holding = [g for g in eval_groups(sources.evals) if {awq, awq_opt} <= set(g["models"])]
+    group = holding[0] if holding else None
     if group is None:
         raise UserError(f"no eval results hold both {awq!r} and {awq_opt!r} (files: {sources.evals})")
     eval_names["fp"] = group["reference"]
     langs, models = group["langs"], group["models"]
+    others = holding[1:]
     judge = _load(sources.judge)
     speed, serve = _load(sources.speed), _load(sources.serve)
     speed_rows = {r["method"]: r for r in (speed or {}).get("rows", []) if r["model"] == "gemma3-270m"}
@@ -193,10 +194,11 @@ def seed_table(sources: Sources, awq: str, awq_opt: str) -> str:
         low, high = min(levels), max(levels)
         configs = {e["name"]: e for e in serve["configs"] if e["status"] == "ok"}
     head = [f"{lang} ppl (vs FP)" for lang in langs] + ["KL ko", "top-1 ko"]
+    head += [f"{', '.join(g['langs'])}: mean ppl vs FP" for g in others]
     head += ["judge win rate vs AWQ"] if judge else []
     head += ["engine decode tok/s (b1)"] if speed else []
     head += [f"served out tok/s ({low} client{'s' * (low > 1)})", f"served out tok/s ({high} clients)",
-             "weights MiB", "peak RSS MiB"] if serve else []  # fmt: skip
+             "checkpoint MiB", "peak RSS MiB"] if serve else []  # fmt: skip
     lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for method, name in eval_names.items():
         results = models[name]
@@ -206,6 +208,9 @@ def seed_table(sources: Sources, awq: str, awq_opt: str) -> str:
             if method == "fp"
             else [f"{results['ko']['kl']:.3f}", f"{100 * results['ko']['top1']:.1f}%"]
         )
+        for other in others:
+            changes = [other["models"][name][lang]["ppl_change_pct"] for lang in other["langs"]]
+            row.append("" if method == "fp" else _pct(sum(changes) / len(changes)))
         if judge:
             rate = None if method == "awq" else judge_win_rate(judge, name, awq)
             row.append("" if rate is None else f"{100 * rate:.1f}%")
@@ -267,7 +272,7 @@ SERVE_NOTE = """\
 Reproduce: `lape-awq bench serve` (run it alone). One `lape-awq serve` process per configuration;
 {repeats} rounds of closed-loop streaming load, {duration:.0f} s per cell, {max_tokens} tokens per answer,
 Korean and English chat prompts. Cells are means over rounds, spread is (max - min) / mean of the output
-throughput, ratios are to `{baseline}`. Weights: the checkpoint's safetensors; RSS: summed over the
+throughput, ratios are to `{baseline}`. Checkpoint: its safetensors files; RSS: summed over the
 server's process tree."""
 NO_GPU_NOTE = """\
 Not yet measured: no GPU has run `lape-awq bench kernels` for this project, so the kernels' speed targets

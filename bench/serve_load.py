@@ -1,12 +1,16 @@
-"""Closed-loop streaming load against any OpenAI-compatible chat endpoint, with `vllm bench serve`'s metrics.
+"""Streaming load against any OpenAI-compatible chat endpoint, with `vllm bench serve`'s metrics.
 
-N clients each send one streaming chat request after another for a fixed time (after warm-up requests).
-Per request: TTFT (send to first content), ITL (gaps between content chunks), TPOT ((latency - TTFT) /
-(output tokens - 1)), end-to-end latency, output tokens from the server's usage report; failures are
-counted, never dropped. Prompts are the packaged Korean questions (and a few English ones), in a fixed
-seeded order.
+Arrivals: closed loop (default: N clients, each sending its next request when the last one ends) or
+Poisson at `--request-rate` requests/s with at most `--concurrency` in flight (a request waits for a free
+slot, as `vllm bench serve --max-concurrency` does). The measured window is `--duration` seconds or
+`--num-requests` requests, after `--warmup` requests. Per request: TTFT (send to first visible text), ITL
+(gaps between content chunks), TPOT ((latency - TTFT) / (output tokens - 1)), end-to-end latency, output
+tokens from the server's usage report; failures are counted, never dropped. Prompts: the packaged Korean
+questions and a few English ones in a seeded order (`--prompts chat`), or random-length windows of the
+held-out corpus text of `--prompt-lang` (`--prompts random`, `--random-words` +- `--random-range-ratio`).
 
     lape-awq bench load --url http://127.0.0.1:8000/v1 --model NAME [--concurrency 32] [--duration 60]
+    lape-awq bench load --model NAME --request-rate 4 --num-requests 200 --prompts random
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import random
 import time
@@ -47,6 +52,7 @@ class RequestSample:
     prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    sent: float | None = None  # seconds from the start of the measured window to the request's send
 
     @property
     def tpot(self) -> float | None:
@@ -64,13 +70,39 @@ def load_prompts(seed: int) -> list[str]:
     return prompts
 
 
+def random_prompts(seed: int, count: int, words: int, range_ratio: float, lang: str = "ko") -> list[str]:
+    """`count` windows of the held-out corpus text of `lang` (never used for LAPE or calibration), each of
+    a length drawn uniformly from words * [1 - range_ratio, 1 + range_ratio] words."""
+    from lape_awq.quant.text_sources import builtin_text
+
+    corpus = builtin_text(lang, "heldout").text.split()
+    low, high = max(1, round(words * (1 - range_ratio))), max(1, round(words * (1 + range_ratio)))
+    if high >= len(corpus):
+        raise UserError(
+            f"--random-words {words} is longer than the {lang} held-out text ({len(corpus)} words)"
+        )
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        length = rng.randint(low, high)
+        start = rng.randrange(len(corpus) - length)
+        prompts.append(" ".join(corpus[start : start + length]))
+    return prompts
+
+
+def arrival_offsets(rate: float, seed: int, count: int) -> np.ndarray:
+    """The first `count` arrival times (seconds) of a Poisson process of `rate` per second."""
+    return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=count))
+
+
 async def stream_one(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], origin: float = 0.0
 ) -> RequestSample:
-    """One streaming chat completion; timing starts right before the request is sent."""
+    """One streaming chat completion; timing starts right before the request is sent (`sent` is counted
+    from `origin`, a perf_counter time)."""
     start = time.perf_counter()
     last: float | None = None
-    sample = RequestSample(ok=False)
+    sample = RequestSample(ok=False, sent=start - origin)
     try:
         async with client.stream("POST", f"{url}/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -132,11 +164,16 @@ def summarize(samples: list[RequestSample], seconds: float) -> dict[str, Any]:
 
 
 async def run_load(
-    url: str, model: str, api_key: str | None, concurrency: int, duration: float, warmup: int,
-    max_tokens: int, seed: int, ignore_eos: bool = True,
+    url: str, model: str, api_key: str | None, concurrency: int, duration: float | None, warmup: int,
+    max_tokens: int, seed: int, ignore_eos: bool = True, num_requests: int | None = None,
+    request_rate: float = math.inf, prompts: list[str] | None = None,
 ) -> tuple[list[RequestSample], float]:  # fmt: skip
-    """`concurrency` clients, closed loop, for `duration` seconds after `warmup` requests."""
-    prompts = load_prompts(seed)
+    """After `warmup` requests: for `duration` seconds and/or `num_requests` requests, either `concurrency`
+    clients in a closed loop (`request_rate` inf) or Poisson arrivals at `request_rate` with at most
+    `concurrency` in flight. Returns every measured request and the window's length in seconds."""
+    if duration is None and num_requests is None:
+        raise ValueError("give a duration, a request count or both")
+    prompts = prompts or load_prompts(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     counter = iter(range(10**9))
 
@@ -154,14 +191,35 @@ async def run_load(
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         await asyncio.gather(*(stream_one(client, url, body(), headers) for _ in range(warmup)))
         samples: list[RequestSample] = []
-        deadline = time.perf_counter() + duration
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                samples.append(await stream_one(client, url, body(), headers))
-
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        deadline = started + (math.inf if duration is None else duration)
+        budget = iter(range(num_requests if num_requests is not None else 10**12))
+
+        if math.isinf(request_rate):
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline and next(budget, None) is not None:
+                    samples.append(await stream_one(client, url, body(), headers, started))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            slots = asyncio.Semaphore(concurrency)
+
+            async def send() -> None:
+                async with slots:
+                    samples.append(await stream_one(client, url, body(), headers, started))
+
+            tasks = []
+            # enough arrivals for the window: a Poisson count exceeds twice its mean + 1000 with odds ~0
+            planned = num_requests if num_requests is not None else int(2 * request_rate * duration) + 1000
+            offsets = iter(arrival_offsets(request_rate, seed, planned))
+            while next(budget, None) is not None:
+                at = started + next(offsets)
+                if at >= deadline:
+                    break
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                tasks.append(asyncio.create_task(send()))
+            await asyncio.gather(*tasks)
         return samples, time.perf_counter() - started
 
 
@@ -169,8 +227,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the endpoint's /v1 base URL")
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--api-key", default=os.environ.get("LAPE_AWQ_API_KEY"))
-    parser.add_argument("--concurrency", type=int, default=32, help="clients, each one request at a time")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of measured load")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="closed loop: clients; with --request-rate: most in flight",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson arrivals per second (default: closed loop)",
+    )
+    parser.add_argument(
+        "--duration", type=float, help="seconds of measured load (default 60 without --num-requests)"
+    )
+    parser.add_argument(
+        "--num-requests", type=int, help="measured requests (ends the window with --duration)"
+    )
+    parser.add_argument(
+        "--prompts", choices=("chat", "random"), default="chat", help="chat questions or random text"
+    )
+    parser.add_argument("--prompt-lang", default="ko", help="--prompts random: corpus language")
+    parser.add_argument("--random-words", type=int, default=200, help="--prompts random: mean prompt length")
+    parser.add_argument(
+        "--random-range-ratio", type=float, default=0.5, help="--prompts random: length spread"
+    )
     parser.add_argument("--warmup", type=int, default=4, help="requests sent (and not counted) first")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--no-ignore-eos", action="store_true", help="for servers without vLLM's ignore_eos")
@@ -181,12 +263,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the load; prints the summary and writes JSON (summary + every request) under --out."""
-    if args.concurrency < 1 or args.duration <= 0 or args.max_tokens < 1:
-        raise UserError("--concurrency, --duration and --max-tokens must be positive")
-    print(f"{args.concurrency} streaming clients on {args.model} at {args.url} for {args.duration:.0f} s ...")
+    if args.duration is None and args.num_requests is None:
+        args.duration = 60.0
+    positive = (
+        args.concurrency,
+        args.max_tokens,
+        args.request_rate,
+        args.duration or 1,
+        args.num_requests or 1,
+    )
+    if min(positive) <= 0 or args.random_words < 1 or not 0 <= args.random_range_ratio < 1:
+        raise UserError(
+            "--concurrency, --max-tokens, --request-rate, --duration, --num-requests and --random-words must "
+            "be positive, --random-range-ratio in [0, 1)"
+        )
+    prompts = None
+    if args.prompts == "random":
+        prompts = random_prompts(args.seed, 256, args.random_words, args.random_range_ratio, args.prompt_lang)
+    closed_loop = math.isinf(args.request_rate)
+    arrivals = (
+        f"{args.concurrency} closed-loop clients" if closed_loop
+        else f"Poisson {args.request_rate:g} req/s, at most {args.concurrency} in flight"
+    )  # fmt: skip
+    window = [f"{args.duration:g} s"] if args.duration else []
+    window += [f"{args.num_requests} requests"] if args.num_requests else []
+    print(f"{arrivals} on {args.model} at {args.url} for {' or '.join(window)} ...")
     samples, seconds = asyncio.run(
         run_load(args.url, args.model, args.api_key, args.concurrency, args.duration, args.warmup,
-                 args.max_tokens, args.seed, ignore_eos=not args.no_ignore_eos)
+                 args.max_tokens, args.seed, ignore_eos=not args.no_ignore_eos,
+                 num_requests=args.num_requests, request_rate=args.request_rate, prompts=prompts)
     )  # fmt: skip
     summary = summarize(samples, seconds)
     record = {
@@ -194,13 +299,15 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("api_key", "out", "run")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("api_key", "out", "run")}
+        | {"request_rate": None if closed_loop else args.request_rate},  # strict JSON has no Infinity
         "summary": summary,
         "errors": sorted({s.error for s in samples if s.error})[:20],
         "samples": [asdict(s) for s in samples],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"serve_load_{record['date'][:10]}_c{args.concurrency}{('_' + args.tag) if args.tag else ''}.json"
+    suffix = ("" if closed_loop else f"_r{args.request_rate:g}") + (f"_{args.tag}" if args.tag else "")
+    name = f"serve_load_{record['date'][:10]}_c{args.concurrency}{suffix}.json"
     (args.out / name).write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out / name}")

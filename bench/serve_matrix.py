@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +37,15 @@ from lape_awq.quant.errors import UserError
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 BASELINE = "awq"
 MiB = 1 << 20
-# cell key -> (label, where in the summary, scale)
+# cell key -> (where in a run's summary, scale)
 CELL_METRICS = {
-    "output_throughput": ("out tok/s", ("output_throughput",), 1.0),
-    "request_throughput": ("req/s", ("request_throughput",), 1.0),
-    "ttft_median_ms": ("TTFT p50 ms", ("ttft", "median_ms"), 1.0),
-    "ttft_p99_ms": ("TTFT p99 ms", ("ttft", "p99_ms"), 1.0),
-    "tpot_median_ms": ("TPOT p50 ms", ("tpot", "median_ms"), 1.0),
-    "itl_median_ms": ("ITL p50 ms", ("itl", "median_ms"), 1.0),
-    "e2el_median_s": ("E2E p50 s", ("e2el", "median_ms"), 1e-3),
+    "output_throughput": (("output_throughput",), 1.0),
+    "request_throughput": (("request_throughput",), 1.0),
+    "ttft_median_ms": (("ttft", "median_ms"), 1.0),
+    "ttft_p99_ms": (("ttft", "p99_ms"), 1.0),
+    "tpot_median_ms": (("tpot", "median_ms"), 1.0),
+    "itl_median_ms": (("itl", "median_ms"), 1.0),
+    "e2el_median_s": (("e2el", "median_ms"), 1e-3),
 }
 
 
@@ -110,15 +111,18 @@ def run_matrix(
             print(f"[start {index}/{len(configs)}] {config.name}: {config.checkpoint}", flush=True)
             entry = {**asdict(config), "checkpoint": str(config.checkpoint)}
             entry |= {"weight_bytes": weight_bytes(config.checkpoint), "status": "ok", "reason": None}
+            entries.append(entry)
             args = [*serve_args, "--quantization", config.quantization]
             server = ServerProcess(config.name, config.checkpoint, args, workdir / f"{config.name}.log")
+            servers[config.name] = server  # from here on `finally` stops it, whatever happens
             reason = server.wait_ready(start_timeout)
-            if reason is None:
-                servers[config.name] = server
-            else:
-                entry |= {"status": "skipped", "reason": reason, "memory": asdict(server.stop())}
+            if reason is not None:
+                entry |= {
+                    "status": "skipped",
+                    "reason": reason,
+                    "memory": asdict(servers.pop(config.name).stop()),
+                }
                 print(f"  skipped: {reason}", flush=True)
-            entries.append(entry)
         if not servers:
             raise UserError("no configuration could be served: " + "; ".join(e["reason"] for e in entries))
         live = [c for c in configs if c.name in servers]
@@ -168,7 +172,7 @@ def aggregate(record: dict[str, Any]) -> list[dict[str, Any]]:
         row = rows.setdefault((run["config"], run["concurrency"]), {"values": {}, "failed": 0, "rounds": 0})
         row["failed"] += run["summary"]["failed"]
         row["rounds"] += 1
-        for key, (_, path, scale) in CELL_METRICS.items():
+        for key, (path, scale) in CELL_METRICS.items():
             value = _metric(run["summary"], path)
             row["values"].setdefault(key, []).append(None if value is None else value * scale)
     out = []
@@ -223,9 +227,15 @@ def markdown_tables(record: dict[str, Any]) -> str:
     skipped = [e for e in record["configs"] if e["status"] != "ok"]
     if skipped:
         lines += [""] + [
-            f"- {e['name']} (`--quantization {e['quantization']}`) skipped: {e['reason']}" for e in skipped
+            f"- {e['name']} (`--quantization {e['quantization']}`) skipped: {_short(e['reason'])}"
+            for e in skipped
         ]
     return "\n".join(lines) + "\n"
+
+
+def _short(reason: str) -> str:
+    """A server's failure reason without what pydantic appends (the rejected input, a help link)."""
+    return re.sub(r"\s*\[type=.*", "", reason)
 
 
 def memory_table(record: dict[str, Any]) -> str:
@@ -238,7 +248,7 @@ def memory_table(record: dict[str, Any]) -> str:
     def ratio(entry: dict[str, Any], get) -> str:
         return f" ({get(entry) / get(base):.3f}x)" if base and entry is not base and get(base) else ""
 
-    header = "| config | engine quantization | weights MiB | ready RSS MiB | peak RSS MiB |"
+    header = "| config | engine quantization | checkpoint MiB | ready RSS MiB | peak RSS MiB |"
     lines = [
         header + (" peak GPU MiB |" if gpu else ""),
         "|---|---|---:|---:|---:|" + ("---:|" if gpu else ""),

@@ -48,7 +48,7 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
     ax_cdf.legend(fontsize=8)
 
     entries = [e for e in record["configs"] if e["status"] == "ok"]
-    bars = {"weights": [e["weight_bytes"] / MiB for e in entries],
+    bars = {"checkpoint": [e["weight_bytes"] / MiB for e in entries],
             "RSS when ready": [(e["memory"]["ready_rss"] or 0) / MiB for e in entries],
             "peak RSS": [e["memory"]["peak_rss"] / MiB for e in entries]}  # fmt: skip
     if any(e["memory"].get("peak_gpu") is not None for e in entries):
@@ -59,7 +59,8 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
         ax_mem.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
     ax_mem.set_xticks(x, [e["name"] for e in entries])
     ax_mem.set(ylabel="MiB", title="Memory of each serving process tree")
-    ax_mem.legend()
+    ax_mem.set_ylim(0, 1.25 * max(max(v) for v in bars.values()))  # room for the legend above the bars
+    ax_mem.legend(ncol=len(bars), fontsize=8, loc="upper left")
 
     machine = record["machine"]
     fig.suptitle(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -66,18 +67,18 @@ class ServerProcess:
                     if not line:
                         break
                     message.append(line)
-                return " ".join(message)[:500]
+                return " ".join(message)[:1000]
         nonblank = [line for line in lines if line]
         return nonblank[-1][-500:] if nonblank else "(no output)"
 
     def stop(self, timeout: float = 60.0) -> MemoryPeaks:
         """SIGTERM to the whole process group (SIGKILL after `timeout`); returns the memory peaks."""
         peaks = self.memory.stop()
-        if self.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):  # whatever outlived the server (or ignored SIGTERM)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         return peaks

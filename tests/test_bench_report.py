@@ -184,7 +184,7 @@ def write_results(root: Path) -> Path:
 
 
 SEED_TABLE = """\
-| method | ko ppl (vs FP) | en ppl (vs FP) | KL ko | top-1 ko | judge win rate vs AWQ | engine decode tok/s (b1) | served out tok/s (1 client) | served out tok/s (4 clients) | weights MiB | peak RSS MiB |
+| method | ko ppl (vs FP) | en ppl (vs FP) | KL ko | top-1 ko | judge win rate vs AWQ | engine decode tok/s (b1) | served out tok/s (1 client) | served out tok/s (4 clients) | checkpoint MiB | peak RSS MiB |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 | FP | 20.00 | 16.00 |  |  | 70.0% | 20.0 | 30.0 | 90.0 | 1,000.0 | 2,500.0 |
 | AWQ | 30.00 (+50.0%) | 20.00 (+25.0%) | 0.400 | 60.0% |  | 24.0 | 21.0 | 60.0 | 400.0 | 1,600.0 |
@@ -196,6 +196,20 @@ def test_seed_table_from_fixed_result_files(tmp_path: Path) -> None:
     assert [p.name for p in sources.evals] == ["koen_eval.json", "koen_random_eval.json"]
     assert sources.speed.name == "vllm_speed_2026-11-20.json" and sources.kernels is None
     assert seed_table(sources, "awq-mix8", "awq-opt-mix8") == SEED_TABLE
+
+
+def test_seed_table_adds_the_mean_change_of_other_eval_groups(tmp_path: Path) -> None:
+    """A second eval of other texts (here: a 512-token budget) becomes one column: its mean change vs FP."""
+    results = write_results(tmp_path)
+    other = _eval({"fp": (10.0, 10.0, 0.0, 1.0), "awq-mix8": (13.0, 12.0, 0.4, 0.6),
+                   "awq-opt-mix8": (12.0, 11.0, 0.3, 0.7)}, max_tokens=512)  # fmt: skip
+    (results / "quality_2026-11-20" / "other_eval.json").write_text(json.dumps(other))
+    lines = seed_table(find_sources(results), "awq-mix8", "awq-opt-mix8").splitlines()
+    assert "| ko, en: mean ppl vs FP |" in lines[0]
+    assert lines[3].startswith(
+        "| AWQ | 30.00 (+50.0%) | 20.00 (+25.0%) | 0.400 | 60.0% | +25.0% |"
+    )  # (30 + 20) / 2
+    assert lines[4].startswith("| AWQ-opt | 27.50 (+37.5%) | 19.00 (+18.8%) | 0.300 | 70.0% | +15.0% |")
 
 
 def test_judge_win_rate_reads_either_order() -> None:
@@ -264,3 +278,20 @@ def test_peak_memory_of_a_process_tree_sees_a_child_allocation() -> None:
     assert peaks.ready_rss is not None and peaks.ready_rss < 200 * MiB
     assert peaks.peak_rss > peaks.ready_rss + 280 * MiB
     assert peaks.peak_gpu is None  # no NVML on a CPU machine; on a GPU box this would be a number
+
+
+def test_benchmark_commands_refuse_bad_input_with_one_line(tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["bench", "serve", "--config", f"x={tmp_path / 'missing'}"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    assert main(["bench", "serve", "--config", f"x={tmp_path / 'a'}", "--config", f"x={tmp_path / 'a'}"]) == 2
+    assert "distinct" in capsys.readouterr().err
+    assert main(["bench", "serve", "--config", f"x={tmp_path / 'a'}", "--repeats", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "serve", "--concurrency", "1,0"])
+    assert main(["bench", "load", "--model", "m", "--random-range-ratio", "1.5"]) == 2
+    assert main(["bench", "load", "--model", "m", "--request-rate", "0"]) == 2
+    assert main(["bench", "report", "--results", str(tmp_path)]) == 2
+    assert "no quality_<date>/ folder" in capsys.readouterr().err

@@ -17,7 +17,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lape_awq.bench.serve_load import RequestSample, percentiles, run_load, stream_one, summarize
+from lape_awq.bench.serve_load import (
+    RequestSample,
+    arrival_offsets,
+    percentiles,
+    random_prompts,
+    run_load,
+    stream_one,
+    summarize,
+)
+from lape_awq.quant.text_sources import builtin_text
 
 FIRST_DELAY, GAP, TOKENS, PROMPT_TOKENS = 0.2, 0.05, 5, 7
 
@@ -117,3 +126,44 @@ def test_closed_loop_counts_every_request(fake_server: str) -> None:
         run_load(fake_server, "broken", None, concurrency=2, duration=0.3, warmup=0, max_tokens=5, seed=0)
     )
     assert failing and summarize(failing, 0.3)["failed"] == len(failing)
+
+
+def test_a_request_count_ends_the_window(fake_server: str) -> None:
+    samples, _ = asyncio.run(
+        run_load(fake_server, "ok", None, concurrency=3, duration=None, warmup=0, max_tokens=5, seed=0,
+                 num_requests=7)
+    )  # fmt: skip
+    assert len(samples) == 7 and all(s.ok for s in samples)
+
+
+def test_poisson_arrivals_follow_the_seeded_schedule_and_the_concurrency_cap(fake_server: str) -> None:
+    rate, count = 20.0, 8
+    schedule = arrival_offsets(rate, seed=3, count=count)
+    assert np.all(np.diff(schedule) > 0) and schedule[0] > 0
+    samples, _ = asyncio.run(
+        run_load(fake_server, "ok", None, concurrency=count, duration=None, warmup=0, max_tokens=5, seed=3,
+                 num_requests=count, request_rate=rate)
+    )  # fmt: skip
+    sent = sorted(s.sent for s in samples)
+    assert len(sent) == count and all(s.ok for s in samples)
+    # with free slots every request leaves at its scheduled time (event-loop jitter aside)
+    assert all(at <= t < at + 0.08 for at, t in zip(schedule, sent, strict=True))
+    # one slot: each request waits for the previous one (~0.4 s each), whatever the schedule says
+    capped, _ = asyncio.run(
+        run_load(fake_server, "ok", None, concurrency=1, duration=None, warmup=0, max_tokens=5, seed=3,
+                 num_requests=4, request_rate=1000.0)
+    )  # fmt: skip
+    gaps = np.diff(sorted(s.sent for s in capped))
+    assert len(capped) == 4 and np.all(gaps >= FIRST_DELAY + (TOKENS - 1) * GAP * 0.9)
+
+
+def test_random_prompts_are_seeded_windows_of_held_out_text() -> None:
+    prompts = random_prompts(seed=1, count=50, words=40, range_ratio=0.25, lang="ko")
+    assert prompts == random_prompts(seed=1, count=50, words=40, range_ratio=0.25, lang="ko")
+    assert prompts != random_prompts(seed=2, count=50, words=40, range_ratio=0.25, lang="ko")
+    lengths = [len(p.split()) for p in prompts]
+    assert min(lengths) >= 30 and max(lengths) <= 50 and len(set(lengths)) > 5
+    held_out = builtin_text("ko", "heldout").text.split()
+    joined = " ".join(held_out)
+    assert all(p in joined for p in prompts)
+    assert any("\uac00" <= ch <= "\ud7a3" for ch in prompts[0])  # Hangul
