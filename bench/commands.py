@@ -16,7 +16,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, module, help_text in (
         ("kernels", kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
-        ("load", serve_load, "closed-loop streaming load on an OpenAI-compatible endpoint (TTFT, TPOT, ITL)"),
+        ("load", serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),
         (
             "serve",
             serve_matrix,
