@@ -7,6 +7,15 @@ import argparse
 from lape_awq.bench import kernels, report, serve_load, serve_matrix
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Module docstrings as written, and every option's default (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
@@ -32,7 +41,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
             name,
             help=help_text,
             description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         module.add_arguments(bench)
         bench.set_defaults(run=module.run)

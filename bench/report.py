@@ -3,7 +3,7 @@
 Reads the newest result files in bench/results (by the date in their names):
 - quality: every `*eval.json` (and `*judge.json`) in the newest `quality_<date>/` folder (`lape-awq eval`),
 - engine speed: `vllm_speed_<date>.json` (`python -m lape_awq.bench.vllm_speed`),
-- serving: `serve_matrix_<date>.json` (`lape-awq bench serve`),
+- serving: `serve_matrix_<date>.json` (`lape-awq bench serve`; runs saved with `--tag` are left out),
 - offline pipeline: `pipeline_speed_<date>.json` (`make bench-pipeline`),
 - GPU kernels: `kernels_<card>_<date>.md` (`lape-awq bench kernels`), when a GPU has run it.
 
@@ -56,6 +56,12 @@ def _newest(paths: list[Path]) -> Path | None:
     return max(dated)[2] if dated else None
 
 
+def _untagged(results: Path, benchmark: str) -> list[Path]:
+    """`<benchmark>_<date>.json` files only: runs with a `--tag` are side experiments, not the reference."""
+    pattern = re.compile(rf"{benchmark}_\d{{4}}-\d{{2}}-\d{{2}}\.json")
+    return [p for p in results.glob(f"{benchmark}_*.json") if pattern.fullmatch(p.name)]
+
+
 def find_sources(results: Path) -> Sources:
     """The newest file of each kind under `results`."""
     quality = _newest([p for p in results.glob("quality_*") if p.is_dir()])
@@ -63,9 +69,9 @@ def find_sources(results: Path) -> Sources:
     return Sources(
         evals=sorted(quality.glob("*eval.json")) if quality else [],
         judge=judges[-1] if judges else None,
-        speed=_newest(list(results.glob("vllm_speed_*.json"))),
-        serve=_newest(list(results.glob("serve_matrix_*.json"))),
-        pipeline=_newest(list(results.glob("pipeline_speed_*.json"))),
+        speed=_newest(_untagged(results, "vllm_speed")),
+        serve=_newest(_untagged(results, "serve_matrix")),
+        pipeline=_newest(_untagged(results, "pipeline_speed")),
         kernels=_newest([p for p in results.glob("kernels_*.md") if "_smoke" not in p.name]),
     )
 

@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-rate",
         type=float,
         default=math.inf,
-        help="Poisson arrivals per second (default: closed loop)",
+        help="Poisson arrivals per second; inf: closed loop",
     )
     parser.add_argument(
         "--duration", type=float, help="seconds of measured load (default 60 without --num-requests)"
@@ -257,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--no-ignore-eos", action="store_true", help="for servers without vLLM's ignore_eos")
     parser.add_argument("--seed", type=int, default=0, help="prompt order")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
 
 

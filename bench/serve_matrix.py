@@ -301,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="CUDA: fraction per server")
     serve.add_argument("--max-num-seqs", type=int, help="default: the largest concurrency")
     serve.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--quiet", action="store_true", help="no progress bars while building checkpoints")
 

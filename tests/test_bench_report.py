@@ -169,6 +169,7 @@ def write_results(root: Path) -> Path:
              "rows": speed_rows}  # fmt: skip
     (root / "vllm_speed_2026-11-20.json").write_text(json.dumps(speed))
     (root / "vllm_speed_2026-01-01.json").write_text(json.dumps({**speed, "rows": []}))
+    (root / "vllm_speed_2026-12-31_experiment.json").write_text(json.dumps({**speed, "rows": []}))  # tagged
     record = serve_record()
     (root / "serve_matrix_2026-11-20.json").write_text(json.dumps(record))
     pipeline = {
