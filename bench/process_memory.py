@@ -24,10 +24,10 @@ class MemoryPeaks:
     ready_gpu: int | None = None
 
 
-def tree_rss(root: psutil.Process) -> int:
-    """Resident bytes of `root` and every descendant alive now."""
+def total_rss(processes: list[psutil.Process]) -> int:
+    """Resident bytes of `processes` (those that exited meanwhile count 0)."""
     total = 0
-    for process in [root, *root.children(recursive=True)]:
+    for process in processes:
         with contextlib.suppress(psutil.Error):  # exited between listing and reading
             total += process.memory_info().rss
     return total
@@ -75,12 +75,9 @@ class PeakMemorySampler:
         self._thread.start()
 
     def _sample(self) -> tuple[int, int | None]:
-        rss = tree_rss(self._root)
-        gpu = None
-        if self._gpu.available:
-            pids = {self._root.pid} | {p.pid for p in self._root.children(recursive=True)}
-            gpu = self._gpu.used_by(pids)
-        return rss, gpu
+        tree = [self._root, *self._root.children(recursive=True)]
+        gpu = self._gpu.used_by({p.pid for p in tree}) if self._gpu.available else None
+        return total_rss(tree), gpu
 
     def _run(self) -> None:
         while not self._stopped.is_set():

@@ -269,8 +269,8 @@ def run(args: argparse.Namespace) -> int:
         args.concurrency,
         args.max_tokens,
         args.request_rate,
-        args.duration or 1,
-        args.num_requests or 1,
+        1 if args.duration is None else args.duration,
+        1 if args.num_requests is None else args.num_requests,
     )
     if min(positive) <= 0 or args.random_words < 1 or not 0 <= args.random_range_ratio < 1:
         raise UserError(
