@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 CLASH := torchvision torchaudio torchcodec
 
-.PHONY: install install-test demo test lint bench-lape bench-pipeline bench-serve report
+.PHONY: install install-test demo test lint bench-lape bench-pipeline bench-engine bench-serve report
 
 # The editable build leaves lape_awq.egg-info in the source tree; with the tree on sys.path
 # (python -m pytest) its stale entry points would shadow the installed ones, so it goes.
@@ -32,11 +32,18 @@ lint:
 test: install-test lint
 	$(PYTHON) -m pytest
 
+# Every benchmark is `lape-awq bench NAME` (`lape-awq bench --help` lists them); results go to bench/results.
+# LAPE tokens/s on the default model, projected to 8 languages x 30k tokens.
 bench-lape: install
-	$(PYTHON) -m lape_awq.bench.lape_speed
+	lape-awq bench lape
 
+# The whole AWQ-opt pipeline on the default model, stage by stage (about 10 minutes on 2 cores).
 bench-pipeline: install
-	$(PYTHON) -m lape_awq.bench.pipeline_speed
+	lape-awq bench pipeline
+
+# vLLM engine speed and weight memory: FP / stock AWQ / AWQ / AWQ-opt (run it alone: it uses every core).
+bench-engine: install
+	lape-awq bench engine
 
 # The serving matrix on the default model (about 25 minutes on 2 cores; builds missing checkpoints first).
 bench-serve: install

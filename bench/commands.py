@@ -1,10 +1,28 @@
-"""The `bench` subcommand of `lape-awq`: one entry per benchmark in this folder."""
+"""The `bench` subcommand of `lape-awq`: one entry per benchmark in this folder.
+
+Every benchmark module has `add_arguments(parser)`, `run(args) -> int` and a docstring that is its
+`--help` description; BENCHMARKS names them. `python -m lape_awq.bench.MODULE [options]` is the same as
+`lape-awq bench NAME [options]` (run_as_script).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
-from lape_awq.bench import kernels, report, serve_load, serve_matrix
+from lape_awq.bench import kernels, lape_speed, pipeline_speed, report, serve_load, serve_matrix, vllm_speed
+
+# subcommand -> (module, one-line help)
+BENCHMARKS = {
+    "lape": (lape_speed, "LAPE throughput (tokens/s) on a model, projected to 8 languages x 30k tokens"),
+    "pipeline": (pipeline_speed, "the whole AWQ-opt pipeline (LAPE, then quantization), stage by stage"),
+    "engine": (vllm_speed, "vLLM engine decode / prefill speed and weights: FP / stock AWQ / AWQ / AWQ-opt"),
+    "kernels": (kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
+    "load": (serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),
+    "serve": (serve_matrix, "the serving matrix: FP / stock AWQ / AWQ / AWQ-opt x concurrency, with memory"),
+    "report": (report, "FP / AWQ / AWQ-opt table from committed results; regenerates the README's Results"),
+}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -18,30 +36,21 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "bench",
-        help="benchmarks: kernels (GPU), load, serve (matrix), report",
-        description="Run a benchmark.",
+        "bench", help=f"benchmarks: {', '.join(BENCHMARKS)}", description="Run a benchmark."
     )
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name, module, help_text in (
-        ("kernels", kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
-        ("load", serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),
-        (
-            "serve",
-            serve_matrix,
-            "the serving matrix: FP / stock AWQ / AWQ / AWQ-opt x concurrency, with memory",
-        ),
-        (
-            "report",
-            report,
-            "FP / AWQ / AWQ-opt table from committed results; regenerates the README's Results",
-        ),
-    ):
+    for name, (module, help_text) in BENCHMARKS.items():
         bench = benches.add_parser(
-            name,
-            help=help_text,
-            description=module.__doc__,
-            formatter_class=_HelpFormatter,
+            name, help=help_text, description=module.__doc__, formatter_class=_HelpFormatter
         )
         module.add_arguments(bench)
         bench.set_defaults(run=module.run)
+
+
+def run_as_script(module: str) -> NoReturn:
+    """`python -m <module> [options]`: `lape-awq bench NAME [options]` for the benchmark in `module` (its
+    full name, e.g. `lape_awq.bench.lape_speed`), with the CLI's error lines and exit statuses."""
+    from lape_awq.quant.cli.main import main
+
+    name = next(name for name, (bench, _) in BENCHMARKS.items() if bench.__name__ == module)
+    raise SystemExit(main(["bench", name, *sys.argv[1:]]))

@@ -12,8 +12,6 @@ mean nothing).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import time
@@ -23,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.file_io import write_atomic
 
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
 GROUP_SIZE = 128
@@ -176,12 +175,15 @@ def bench_shape(
             )
             rows.append(
                 {
-                    **asdict(shape), "m": m, "kept_per_mlp": kept if variant == "ours_k1pct" else 0,
-                    "variant": variant, "seconds": seconds,
+                    **asdict(shape),
+                    "m": m,
+                    "kept_per_mlp": kept if variant == "ours_k1pct" else 0,
+                    "variant": variant,
+                    "seconds": seconds,
                     "tflops": 2 * m * shape.n * shape.k / seconds / 1e12,
                     "gbps": (weight_bytes + io_bytes) / seconds / 1e9,
                 }
-            )  # fmt: skip
+            )
     return rows
 
 
@@ -216,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of token counts M")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     parser.add_argument("--reps", type=int, default=100, help="timed runs per measurement (median reported)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter (tests)"
     )
@@ -254,10 +256,7 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_shape(shape, m_values, dtype, device, timer, reps)
     table = summarize(rows, bandwidth)
     record = {
-        "benchmark": "kernels",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": machine(),
+        **result_header("kernels"),
         "smoke": args.smoke,
         "dtype": args.dtype,
         "group_size": GROUP_SIZE,
@@ -266,23 +265,17 @@ def run(args: argparse.Namespace) -> int:
     }
     card = (torch.cuda.get_device_name() if cuda else "interpreter").replace(" ", "_")
     stem = f"kernels_{card}_{record['date'][:10]}" + ("_smoke" if args.smoke else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(
-        f"# W4 kernels, {card}, {record['date']}, commit {record['commit']}\n\n" + "\n".join(table) + "\n"
+    write_json(args.out / f"{stem}.json", record)
+    write_atomic(
+        args.out / f"{stem}.md",
+        f"# W4 kernels, {card}, {record['date']}, commit {record['commit']}\n\n" + "\n".join(table) + "\n",
     )
     print("\n".join(table))
     print(f"wrote {args.out / stem}.json and .md")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lape_awq.bench.commands import run_as_script
+
+    run_as_script(__spec__.name)

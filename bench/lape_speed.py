@@ -1,38 +1,37 @@
 """LAPE throughput on a model (default: the embedded Gemma 3 270M): tokens/s, wall time, and the time
-projected for the target workload of 8 languages x 30k tokens. Writes a JSON result file.
+projected for the target workload of 8 languages x 30k tokens (target: 5 minutes). Writes
+bench/results/lape_speed_<date>_<dtype>_s<seq-len>_b<batch-size>.json.
 
-    python -m lape_awq.bench.lape_speed [--model PATH] [--dtype auto] [--tokens N] [--seq-len N] ...
+    lape-awq bench lape [--model PATH] [--dtype auto] [--tokens N] [--seq-len N] [--batch-size N] ...
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
-from lape_awq.bench.run_info import git_commit, machine
-from lape_awq.quant.commands import add_model_argument, add_sampling_arguments
-from lape_awq.quant.lape import LapeOptions
+from lape_awq.bench.run_info import result_header, write_json
+from lape_awq.quant.cli.arguments import add_model_argument, add_sampling_arguments
+from lape_awq.quant.lape.finder import SamplingSettings, find_language_neurons
+from lape_awq.quant.lape.selection import LapeOptions
 from lape_awq.quant.model_loading import load_causal_lm, pick_dtype, resolve_model_dir
-from lape_awq.quant.neuron_finder import SamplingSettings, find_language_neurons
 from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, language_texts
 
 TARGET_TOKENS = 8 * 30_000
 TARGET_SECONDS = 300.0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16, float16")
     add_sampling_arguments(parser)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run LAPE once, timed; prints the record and writes it under --out."""
     model_dir = resolve_model_dir(args.model)
     dtype = pick_dtype(args.dtype)
     load_start = time.perf_counter()
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = int(result.tokens.sum())
     rate = tokens / seconds
     record = {
-        "benchmark": "lape_speed",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": machine(),
+        **result_header("lape_speed"),
         "model": str(model_dir),
         "dtype": str(dtype).removeprefix("torch."),
         "sampling": vars(sampling),
@@ -62,15 +58,14 @@ def main(argv: list[str] | None = None) -> None:
         "target_seconds_8x30k": TARGET_SECONDS,
         "korean_neurons": int(result.selection.language_mask[result.languages.index("ko")].sum()),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = (
-        args.out
-        / f"lape_speed_{record['date'][:10]}_{record['dtype']}_s{args.seq_len}_b{args.batch_size}.json"
-    )
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    name = f"lape_speed_{record['date'][:10]}_{record['dtype']}_s{args.seq_len}_b{args.batch_size}.json"
+    path = write_json(args.out / name, record)
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from lape_awq.bench.commands import run_as_script
+
+    run_as_script(__spec__.name)

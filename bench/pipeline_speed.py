@@ -1,36 +1,36 @@
 """Whole AWQ-opt pipeline on the default model (LAPE neurons, then AWQ-opt quantization with the
-default recipe), timed stage by stage; target <= 10 minutes on the 2-core CPU. Writes a JSON result.
+default recipe), timed stage by stage; target <= 10 minutes on the 2-core CPU. Writes
+bench/results/pipeline_speed_<date>.json (the README's "Offline pipeline" table).
 
-    python -m lape_awq.bench.pipeline_speed [--model PATH] [--out bench/results]
+    lape-awq bench pipeline [--model PATH] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.run_info import result_header, write_json
+from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
+from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.commands import add_model_argument
+from lape_awq.quant.cli.arguments import add_model_argument
+from lape_awq.quant.lape.job import find_and_save_neurons
 from lape_awq.quant.model_loading import resolve_model_dir
-from lape_awq.quant.neurons_job import find_and_save_neurons
-from lape_awq.quant.pipeline import KeepSpec, quantize_checkpoint
-from lape_awq.quant.quantizer import QuantSpec
 
 TARGET_SECONDS = 600.0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Find the neurons, then quantize, both into a temp folder; prints the record, writes it under --out."""
     model_dir = resolve_model_dir(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -46,12 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         quant_total = time.perf_counter() - quant_started
     total = time.perf_counter() - started
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {
-        "benchmark": "pipeline_speed",
-        "date": date,
-        "commit": git_commit(),
-        "machine": machine(),
+        **result_header("pipeline_speed"),
         "model": str(model_dir),
         "calibration": manifest["calibration"],
         "lape_tokens": int(nf.tokens.sum()),
@@ -65,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         "target_seconds": TARGET_SECONDS,
         "sizes": manifest["sizes"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"pipeline_speed_{date[:10]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_json(args.out / f"pipeline_speed_{record['date'][:10]}.json", record)
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from lape_awq.bench.commands import run_as_script
+
+    run_as_script(__spec__.name)

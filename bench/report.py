@@ -2,9 +2,9 @@
 
 Reads the newest result files in bench/results (by the date in their names):
 - quality: every `*eval.json` (and `*judge.json`) in the newest `quality_<date>/` folder (`lape-awq eval`),
-- engine speed: `vllm_speed_<date>.json` (`python -m lape_awq.bench.vllm_speed`),
+- engine speed: `vllm_speed_<date>.json` (`lape-awq bench engine`),
 - serving: `serve_matrix_<date>.json` (`lape-awq bench serve`; runs saved with `--tag` are left out),
-- offline pipeline: `pipeline_speed_<date>.json` (`make bench-pipeline`),
+- offline pipeline: `pipeline_speed_<date>.json` (`lape-awq bench pipeline`),
 - GPU kernels: `kernels_<card>_<date>.md` (`lape-awq bench kernels`), when a GPU has run it.
 
 Writes bench/results/report_<date>.md (the seed paper's table: per method the quality columns, decode
@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lape_awq.bench.formatting import MiB, change, number, percent
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.file_io import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-MiB = 1 << 20
 # The quality_matrix.sh checkpoint names of the default recipe and its AWQ baseline.
 DEFAULT_AWQ, DEFAULT_AWQ_OPT = "awq-mix8", "awq-opt-mix8"
 # Names of the three methods in each benchmark's records.
@@ -80,16 +81,8 @@ def _load(path: Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path else None
 
 
-def _pct(value: float) -> str:
-    return f"{value:+.1f}%"
-
-
 def _ppl_cell(result: dict[str, Any], reference: bool) -> str:
-    return f"{result['ppl']:.2f}" + ("" if reference else f" ({_pct(result['ppl_change_pct'])})")
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+    return number(result["ppl"], 2) + ("" if reference else f" ({change(result['ppl_change_pct'])})")
 
 
 # --- quality --------------------------------------------------------------------------------------------
@@ -103,8 +96,16 @@ def eval_groups(paths: list[Path]) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
         langs = tuple(data["texts"])
         key = (langs, data["max_tokens"], tuple(t["sha256"] for t in data["texts"].values()))
-        group = groups.setdefault(key, {"langs": langs, "max_tokens": data["max_tokens"], "files": [],
-                                        "reference": data["reference"], "models": {}})  # fmt: skip
+        group = groups.setdefault(
+            key,
+            {
+                "langs": langs,
+                "max_tokens": data["max_tokens"],
+                "files": [],
+                "reference": data["reference"],
+                "models": {},
+            },
+        )
         group["files"].append(path)
         for model in data["models"]:
             group["models"].setdefault(model["name"], model["langs"])
@@ -150,13 +151,13 @@ def quality_table(group: dict[str, Any]) -> str:
             cells += [""] * (len(head) - len(cells))
         else:
             if wide:
-                cells += [f"{x:.3f}" for x in kl] + [f"{100 * x:.1f}%" for x in top1]
+                cells += [number(x, 3) for x in kl] + [percent(x) for x in top1]
             else:
-                cells += [f"{sum(kl) / len(kl):.3f}", f"{100 * sum(top1) / len(top1):.1f}%"]
+                cells += [number(sum(kl) / len(kl), 3), percent(sum(top1) / len(top1))]
             if with_gap:
                 base = _calibration_baseline(name, models)
                 share = gap_closed(models, name, base, ref, "ko") if base else None
-                cells.append("" if share is None else f"{100 * share:.1f}% (vs {base})")
+                cells.append("" if share is None else f"{percent(share)} (vs {base})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -203,31 +204,39 @@ def seed_table(sources: Sources, awq: str, awq_opt: str) -> str:
     head += [f"{', '.join(g['langs'])}: mean ppl vs FP" for g in others]
     head += ["judge win rate vs AWQ"] if judge else []
     head += ["engine decode tok/s (b1)"] if speed else []
-    head += [f"served out tok/s ({low} client{'s' * (low > 1)})", f"served out tok/s ({high} clients)",
-             "checkpoint MiB", "peak RSS MiB"] if serve else []  # fmt: skip
+    head += (
+        [
+            f"served out tok/s ({low} client{'s' * (low > 1)})",
+            f"served out tok/s ({high} clients)",
+            "checkpoint MiB",
+            "peak RSS MiB",
+        ]
+        if serve
+        else []
+    )
     lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for method, name in eval_names.items():
         results = models[name]
         row = [_ppl_cell(results[lang], method == "fp") for lang in langs]
         row += (
-            ["", ""]
-            if method == "fp"
-            else [f"{results['ko']['kl']:.3f}", f"{100 * results['ko']['top1']:.1f}%"]
+            ["", ""] if method == "fp" else [number(results["ko"]["kl"], 3), percent(results["ko"]["top1"])]
         )
         for other in others:
             changes = [other["models"][name][lang]["ppl_change_pct"] for lang in other["langs"]]
-            row.append("" if method == "fp" else _pct(sum(changes) / len(changes)))
+            row.append("" if method == "fp" else change(sum(changes) / len(changes)))
         if judge:
             rate = None if method == "awq" else judge_win_rate(judge, name, awq)
-            row.append("" if rate is None else f"{100 * rate:.1f}%")
+            row.append("" if rate is None else percent(rate))
         if speed:
-            row.append(_num(speed_rows.get(SPEED_METHODS[method], {}).get("decode_tok_s_b1")))
+            row.append(number(speed_rows.get(SPEED_METHODS[method], {}).get("decode_tok_s_b1")))
         if serve:
             config = SERVE_CONFIGS[method]
-            row += [_num((cells.get((config, c)) or {}).get("output_throughput")) for c in (low, high)]
+            row += [number((cells.get((config, c)) or {}).get("output_throughput")) for c in (low, high)]
             entry = configs.get(config)
-            row += [_num(entry["weight_bytes"] / MiB) if entry else "-",
-                    _num(entry["memory"]["peak_rss"] / MiB) if entry else "-"]  # fmt: skip
+            row += [
+                number(entry["weight_bytes"] / MiB) if entry else "-",
+                number(entry["memory"]["peak_rss"] / MiB) if entry else "-",
+            ]
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -251,17 +260,24 @@ def _stamp(record: dict[str, Any]) -> str:
 
 
 def pipeline_table(record: dict[str, Any]) -> str:
-    return "\n".join([
-        "| stage | time | detail |",
-        "|---|---:|---|",
-        f"| LAPE over {len(record['calibration']['langs'])} languages | {record['lape_seconds']:.1f} s | "
-        f"{record['lape_tokens']:,} tokens at {record['lape_tokens_per_second']:,.0f} tokens/s; "
-        f"{record['korean_neurons']} Korean neurons |",
-        f"| AWQ-opt quantization | {record['quantize_seconds']:.1f} s | "
-        f"{record['calibration']['samples']} x {record['calibration']['seqlen']} calibration tokens; sparse "
-        f"part {100 * record['sizes']['sparse_fraction']:.3f}% of the rest |",
-        f"| whole pipeline | {record['total_seconds']:.1f} s | target <= {record['target_seconds']:.0f} s |",
-    ])  # fmt: skip
+    """The offline pipeline's stages: how long each took and what it did."""
+    calibration = record["calibration"]
+    lape = (
+        f"{record['lape_tokens']:,} tokens at {number(record['lape_tokens_per_second'], 0)} tokens/s; "
+        f"{record['korean_neurons']} Korean neurons"
+    )
+    quantize = (
+        f"{calibration['samples']} x {calibration['seqlen']} calibration tokens; "
+        f"sparse part {percent(record['sizes']['sparse_fraction'], 3)} of the rest"
+    )
+    stages = [
+        (f"LAPE over {len(calibration['langs'])} languages", record["lape_seconds"], lape),
+        ("AWQ-opt quantization", record["quantize_seconds"], quantize),
+        ("whole pipeline", record["total_seconds"], f"target <= {number(record['target_seconds'], 0)} s"),
+    ]
+    lines = ["| stage | time | detail |", "|---|---:|---|"]
+    lines += [f"| {stage} | {number(seconds)} s | {detail} |" for stage, seconds, detail in stages]
+    return "\n".join(lines)
 
 
 QUALITY_NOTE = """\
@@ -270,7 +286,7 @@ nats per token, top-1 agreement with FP. Names: method, then calibration (`en`: 
 paper; `mix8`: the 8 languages, the default); `random`: as many random neurons as LAPE found (the control);
 `top4`: LAPE top-rate 0.04."""
 SPEED_NOTE = """\
-Reproduce: `python -m lape_awq.bench.vllm_speed` (run it alone). Decode: 64 new tokens after 32-token
+Reproduce: `lape-awq bench engine` (run it alone). Decode: 64 new tokens after 32-token
 prompts at batch 1 and 16; prefill: 8 x 256 tokens; medians of interleaved rounds. RTN checkpoints (speed
 does not depend on how the codes were chosen), AWQ-opt with 0.25% random kept neurons per MLP. Ratios are
 to `our awq`."""
@@ -321,21 +337,43 @@ def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str
         head = f"{', '.join(group['langs'])}: first {group['max_tokens']:,} held-out tokens per language"
         parts += ["", f"{head} ({files})", "", quality_table(group)]
     if speed:
-        parts += ["", "### vLLM engine speed and weight memory", "",
-                  f"{_link(sources.speed, base)} ({_stamp(speed)}).", SPEED_NOTE, "",
-                  markdown_table(speed).rstrip()]  # fmt: skip
+        parts += [
+            "",
+            "### vLLM engine speed and weight memory",
+            "",
+            f"{_link(sources.speed, base)} ({_stamp(speed)}).",
+            SPEED_NOTE,
+            "",
+            markdown_table(speed).rstrip(),
+        ]
     if serve:
-        parts += ["", "### Serving matrix", "", f"{_link(sources.serve, base)} ({_stamp(serve)}).",
-                  SERVE_NOTE.format(**serve["settings"]), "", markdown_tables(serve).rstrip(), "",
-                  f"![serving matrix]({_rel(sources.serve.with_suffix('.png'), base)})"]  # fmt: skip
+        parts += [
+            "",
+            "### Serving matrix",
+            "",
+            f"{_link(sources.serve, base)} ({_stamp(serve)}).",
+            SERVE_NOTE.format(**serve["settings"]),
+            "",
+            markdown_tables(serve).rstrip(),
+            "",
+            f"![serving matrix]({_rel(sources.serve.with_suffix('.png'), base)})",
+        ]
     if pipeline:
-        parts += ["", "### Offline pipeline", "",
-                  f"{_link(sources.pipeline, base)} ({_stamp(pipeline)}). Reproduce: `make bench-pipeline`.",
-                  "", pipeline_table(pipeline)]  # fmt: skip
+        parts += [
+            "",
+            "### Offline pipeline",
+            "",
+            f"{_link(sources.pipeline, base)} ({_stamp(pipeline)}). Reproduce: `lape-awq bench pipeline`.",
+            "",
+            pipeline_table(pipeline),
+        ]
     parts += ["", "### GPU kernels", ""]
     if sources.kernels:
-        parts += [f"{_link(sources.kernels, base)}. Reproduce: `lape-awq bench kernels` on the card.", "",
-                  sources.kernels.read_text().split("\n", 2)[-1].rstrip()]  # fmt: skip
+        parts += [
+            f"{_link(sources.kernels, base)}. Reproduce: `lape-awq bench kernels` on the card.",
+            "",
+            sources.kernels.read_text().split("\n", 2)[-1].rstrip(),
+        ]
     else:
         parts.append(NO_GPU_NOTE)
     return "\n".join(parts) + "\n"
@@ -363,23 +401,18 @@ def run(args: argparse.Namespace) -> int:
     if not sources.evals:
         raise UserError(f"no quality_<date>/ folder with eval results in {args.results}")
     out = args.out or args.results
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    path = out / f"report_{date}.md"
     table = seed_table(sources, args.awq, args.awq_opt)
-    path.write_text(
-        "# FP vs AWQ vs AWQ-opt\n\nFrom: " + ", ".join(_link(p, out) for p in
-        [*sources.evals, sources.judge, sources.speed, sources.serve] if p) + "\n\n" + table + "\n"
-    )  # fmt: skip
+    origin = ", ".join(
+        _link(p, out) for p in [*sources.evals, sources.judge, sources.speed, sources.serve] if p
+    )
+    path = write_atomic(
+        out / f"report_{datetime.date.today().isoformat()}.md",
+        f"# FP vs AWQ vs AWQ-opt\n\nFrom: {origin}\n\n{table}\n",
+    )
     print(table)
     print(f"wrote {path}")
     if args.readme:
-        readme = args.readme.read_text()
-        updated = replace_results(
-            readme, results_section(sources, args.readme.parent, args.awq, args.awq_opt)
-        )
-        tmp = args.readme.with_suffix(".tmp")
-        tmp.write_text(updated)
-        tmp.replace(args.readme)
+        section = results_section(sources, args.readme.parent, args.awq, args.awq_opt)
+        write_atomic(args.readme, replace_results(args.readme.read_text(), section))
         print(f"updated the Results section of {args.readme}")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.errors import UserError
 
 ENGLISH_PROMPTS = (
@@ -63,7 +62,7 @@ class RequestSample:
 
 def load_prompts(seed: int) -> list[str]:
     """The packaged Korean judge questions plus a few English prompts, shuffled with `seed`."""
-    from lape_awq.quant.judge_questions import load_questions
+    from lape_awq.quant.evaluation.judge.questions import load_questions
 
     prompts = [q.question for q in load_questions()[0]] + list(ENGLISH_PROMPTS)
     random.Random(seed).shuffle(prompts)
@@ -164,10 +163,19 @@ def summarize(samples: list[RequestSample], seconds: float) -> dict[str, Any]:
 
 
 async def run_load(
-    url: str, model: str, api_key: str | None, concurrency: int, duration: float | None, warmup: int,
-    max_tokens: int, seed: int, ignore_eos: bool = True, num_requests: int | None = None,
-    request_rate: float = math.inf, prompts: list[str] | None = None,
-) -> tuple[list[RequestSample], float]:  # fmt: skip
+    url: str,
+    model: str,
+    api_key: str | None,
+    concurrency: int,
+    duration: float | None,
+    warmup: int,
+    max_tokens: int,
+    seed: int,
+    ignore_eos: bool = True,
+    num_requests: int | None = None,
+    request_rate: float = math.inf,
+    prompts: list[str] | None = None,
+) -> tuple[list[RequestSample], float]:
     """After `warmup` requests: for `duration` seconds and/or `num_requests` requests, either `concurrency`
     clients in a closed loop (`request_rate` inf) or Poisson arrivals at `request_rate` with at most
     `concurrency` in flight. Returns every measured request and the window's length in seconds."""
@@ -180,9 +188,13 @@ async def run_load(
     def body() -> dict[str, Any]:
         prompt = prompts[next(counter) % len(prompts)]
         request = {
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
-        }  # fmt: skip
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if ignore_eos:  # vLLM's extension: every request makes exactly max_tokens tokens
             request["ignore_eos"] = True
         return request
@@ -282,45 +294,48 @@ def run(args: argparse.Namespace) -> int:
         prompts = random_prompts(args.seed, 256, args.random_words, args.random_range_ratio, args.prompt_lang)
     closed_loop = math.isinf(args.request_rate)
     arrivals = (
-        f"{args.concurrency} closed-loop clients" if closed_loop
+        f"{args.concurrency} closed-loop clients"
+        if closed_loop
         else f"Poisson {args.request_rate:g} req/s, at most {args.concurrency} in flight"
-    )  # fmt: skip
+    )
     window = [f"{args.duration:g} s"] if args.duration else []
     window += [f"{args.num_requests} requests"] if args.num_requests else []
     print(f"{arrivals} on {args.model} at {args.url} for {' or '.join(window)} ...")
     samples, seconds = asyncio.run(
-        run_load(args.url, args.model, args.api_key, args.concurrency, args.duration, args.warmup,
-                 args.max_tokens, args.seed, ignore_eos=not args.no_ignore_eos,
-                 num_requests=args.num_requests, request_rate=args.request_rate, prompts=prompts)
-    )  # fmt: skip
+        run_load(
+            args.url,
+            args.model,
+            args.api_key,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            args.max_tokens,
+            args.seed,
+            ignore_eos=not args.no_ignore_eos,
+            num_requests=args.num_requests,
+            request_rate=args.request_rate,
+            prompts=prompts,
+        )
+    )
     summary = summarize(samples, seconds)
     record = {
-        "benchmark": "serve_load",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": machine(),
+        **result_header("serve_load"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("api_key", "out", "run")}
         | {"request_rate": None if closed_loop else args.request_rate},  # strict JSON has no Infinity
         "summary": summary,
         "errors": sorted({s.error for s in samples if s.error})[:20],
         "samples": [asdict(s) for s in samples],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if closed_loop else f"_r{args.request_rate:g}") + (f"_{args.tag}" if args.tag else "")
-    name = f"serve_load_{record['date'][:10]}_c{args.concurrency}{suffix}.json"
-    (args.out / name).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    path = write_json(
+        args.out / f"serve_load_{record['date'][:10]}_c{args.concurrency}{suffix}.json", record, 1
+    )
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out / name}")
+    print(f"wrote {path}")
     return 0 if summary["failed"] == 0 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lape_awq.bench.commands import run_as_script
+
+    run_as_script(__spec__.name)

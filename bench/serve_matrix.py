@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.formatting import MiB, number, percent, ratio
+from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.bench.serve_load import run_load, summarize
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.file_io import write_atomic
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 BASELINE = "awq"
-MiB = 1 << 20
 # cell key -> (where in a run's summary, scale)
 CELL_METRICS = {
     "output_throughput": (("output_throughput",), 1.0),
@@ -69,7 +68,7 @@ def parse_config(text: str) -> ServeConfig:
 
 def default_configs(progress: bool) -> list[ServeConfig]:
     """The default model in float, its AWQ checkpoint on stock vLLM AWQ and on ours, and its AWQ-opt."""
-    from lape_awq.quant.default_checkpoints import ensure_default_checkpoint
+    from lape_awq.quant.awq.default_checkpoints import ensure_default_checkpoint
     from lape_awq.quant.default_model import prepare_default_model
 
     awq = ensure_default_checkpoint("awq", progress=progress)
@@ -97,9 +96,14 @@ def _rounded(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_matrix(
-    configs: list[ServeConfig], concurrencies: list[int], repeats: int, load: dict[str, Any],
-    serve_args: list[str], start_timeout: float, workdir: Path,
-) -> dict[str, Any]:  # fmt: skip
+    configs: list[ServeConfig],
+    concurrencies: list[int],
+    repeats: int,
+    load: dict[str, Any],
+    serve_args: list[str],
+    start_timeout: float,
+    workdir: Path,
+) -> dict[str, Any]:
     """Start every configuration's server, run the rounds, stop them; the result record (no file I/O)."""
     from lape_awq.bench.server_process import ServerProcess
 
@@ -135,12 +139,16 @@ def run_matrix(
                         run_load(servers[config.name].url, config.name, None, concurrency, **load)
                     )
                     summary = summarize(samples, seconds)
-                    runs.append({
-                        "config": config.name, "concurrency": concurrency, "round": round_,
-                        "summary": summary,
-                        "errors": sorted({s.error for s in samples if s.error})[:10],
-                        "samples": [_rounded(asdict(s)) for s in samples],
-                    })  # fmt: skip
+                    runs.append(
+                        {
+                            "config": config.name,
+                            "concurrency": concurrency,
+                            "round": round_,
+                            "summary": summary,
+                            "errors": sorted({s.error for s in samples if s.error})[:10],
+                            "samples": [_rounded(asdict(s)) for s in samples],
+                        }
+                    )
                     done += 1
                     print(
                         f"[{done}/{total}] round {round_ + 1} c={concurrency:<3} {config.name:<12} "
@@ -199,10 +207,6 @@ def aggregate(record: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def markdown_tables(record: dict[str, Any]) -> str:
     """The throughput/latency table per cell, then the memory table, then skipped configurations."""
     baseline = record["settings"]["baseline"]
@@ -214,14 +218,13 @@ def markdown_tables(record: dict[str, Any]) -> str:
     cells = aggregate(record)
     order = [c["name"] for c in record["configs"]]
     for c in sorted(cells, key=lambda c: (c["concurrency"], order.index(c["config"]))):
-        spread = c["output_throughput_spread"]
         lines.append(
-            f"| {c['config']} | {c['concurrency']} | {_fmt(c['output_throughput'])} | "
-            f"{'-' if spread is None else f'{100 * spread:.1f}%'} | "
-            f"{_fmt(c['output_throughput_vs_baseline'], 3)} | "
-            f"{_fmt(c['request_throughput'], 2)} | {_fmt(c['ttft_median_ms'])} | {_fmt(c['ttft_p99_ms'])} | "
-            f"{_fmt(c['tpot_median_ms'])} | {_fmt(c['tpot_median_ms_vs_baseline'], 3)} | "
-            f"{_fmt(c['itl_median_ms'])} | {_fmt(c['e2el_median_s'], 2)} | {c['failed']} |"
+            f"| {c['config']} | {c['concurrency']} | {number(c['output_throughput'])} | "
+            f"{percent(c['output_throughput_spread'])} | {number(c['output_throughput_vs_baseline'], 3)} | "
+            f"{number(c['request_throughput'], 2)} | {number(c['ttft_median_ms'])} | "
+            f"{number(c['ttft_p99_ms'])} | {number(c['tpot_median_ms'])} | "
+            f"{number(c['tpot_median_ms_vs_baseline'], 3)} | {number(c['itl_median_ms'])} | "
+            f"{number(c['e2el_median_s'], 2)} | {c['failed']} |"
         )
     lines += ["", memory_table(record)]
     skipped = [e for e in record["configs"] if e["status"] != "ok"]
@@ -245,8 +248,10 @@ def memory_table(record: dict[str, Any]) -> str:
     gpu = any(e["memory"].get("peak_gpu") is not None for e in entries)
     base = next((e for e in entries if e["name"] == baseline), None)
 
-    def ratio(entry: dict[str, Any], get) -> str:
-        return f" ({get(entry) / get(base):.3f}x)" if base and entry is not base and get(base) else ""
+    def mib(entry: dict[str, Any], get) -> str:
+        """`get(entry)` in MiB, with its ratio to the baseline's."""
+        vs_base = base and entry is not base and get(base)
+        return number(get(entry) / MiB) + (f" ({ratio(get(entry) / get(base))})" if vs_base else "")
 
     header = "| config | engine quantization | checkpoint MiB | ready RSS MiB | peak RSS MiB |"
     lines = [
@@ -256,14 +261,11 @@ def memory_table(record: dict[str, Any]) -> str:
     for e in entries:
         mem = e["memory"]
         row = (
-            f"| {e['name']} | {e['quantization']} | {e['weight_bytes'] / MiB:,.1f}"
-            f"{ratio(e, lambda x: x['weight_bytes'])} | {_fmt((mem['ready_rss'] or 0) / MiB)} | "
-            f"{mem['peak_rss'] / MiB:,.1f}{ratio(e, lambda x: x['memory']['peak_rss'])} |"
+            f"| {e['name']} | {e['quantization']} | {mib(e, lambda x: x['weight_bytes'])} | "
+            f"{number((mem['ready_rss'] or 0) / MiB)} | {mib(e, lambda x: x['memory']['peak_rss'])} |"
         )
         if gpu:
-            row += (
-                f" {_fmt((mem['peak_gpu'] or 0) / MiB)}{ratio(e, lambda x: x['memory']['peak_gpu'] or 0)} |"
-            )
+            row += f" {mib(e, lambda x: x['memory']['peak_gpu'] or 0)} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -280,10 +282,14 @@ def _concurrencies(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", dest="configs", action="append", type=parse_config, metavar="NAME[@QUANT]=DIR",
+        "--config",
+        dest="configs",
+        action="append",
+        type=parse_config,
+        metavar="NAME[@QUANT]=DIR",
         help="a configuration to serve (repeatable); QUANT is `lape-awq serve --quantization` (default auto: "
         "AWQ on lape_awq, awq: stock vLLM AWQ). Default: the default model's fp, stock-awq, awq, awq-opt",
-    )  # fmt: skip
+    )
     parser.add_argument("--baseline", default=BASELINE, help="the configuration ratios are taken to")
     parser.add_argument(
         "--concurrency", type=_concurrencies, default=list(DEFAULT_CONCURRENCY), help="e.g. 1,4,16,32"
@@ -320,25 +326,29 @@ def run(args: argparse.Namespace) -> int:
         if not (config.checkpoint / "config.json").is_file():
             raise UserError(f"--config {config.name}: {config.checkpoint} is not a model directory")
     baseline = args.baseline if args.baseline in names else names[0]
-    serve_args = [
-        "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--kv-cache-gib",
-        str(args.kv_cache_gib), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-        "--max-num-seqs", str(args.max_num_seqs or max(args.concurrency)),
-        "--max-in-flight", str(4 * max(args.concurrency) + 16),
-    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
+    server_options = {
+        "--dtype": args.dtype,
+        "--max-model-len": args.max_model_len,
+        "--kv-cache-gib": args.kv_cache_gib,
+        "--gpu-memory-utilization": args.gpu_memory_utilization,
+        "--max-num-seqs": args.max_num_seqs or max(args.concurrency),
+        "--max-in-flight": 4 * max(args.concurrency) + 16,
+    }
+    serve_args = [str(x) for option in server_options.items() for x in option]
+    serve_args += ["--enforce-eager"] if args.enforce_eager else []
     load = {
-        "duration": args.duration, "warmup": args.warmup, "max_tokens": args.max_tokens, "seed": args.seed,
-    }  # fmt: skip
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+    }
+    header = result_header("serve_matrix")  # when the run started
     with tempfile.TemporaryDirectory(prefix="lape-awq-bench-serve-") as tmp:
         result = run_matrix(
             configs, args.concurrency, args.repeats, load, serve_args, args.start_timeout, Path(tmp)
         )
     record = {
-        "benchmark": "serve_matrix",
-        "date": date,
-        "commit": git_commit(),
-        "machine": machine(),
+        **header,
         "settings": {
             "baseline": baseline,
             "concurrency": args.concurrency,
@@ -349,12 +359,11 @@ def run(args: argparse.Namespace) -> int:
         },
         **result,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve_matrix_{date[:10]}{('_' + args.tag) if args.tag else ''}"
+    stem = f"serve_matrix_{record['date'][:10]}{('_' + args.tag) if args.tag else ''}"
     table = markdown_tables(record)
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    plot_matrix(record, stem.with_suffix(".png"))
+    write_json(args.out / f"{stem}.json", record, indent=1)
+    write_atomic(args.out / f"{stem}.md", table)
+    plot_matrix(record, args.out / f"{stem}.png")
     print(table)
-    print(f"wrote {stem}.json, .md and .png")
+    print(f"wrote {args.out / stem}.json, .md and .png")
     return 0 if all(run["summary"]["failed"] == 0 for run in record["runs"]) else 1

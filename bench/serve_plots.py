@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MiB = 1 << 20
+from lape_awq.bench.formatting import MiB
+from lape_awq.quant.file_io import write_atomic
 
 
 def plot_matrix(record: dict[str, Any], path: Path) -> None:
     """Three panels: output tok/s vs clients (mean, bars to min/max over rounds); the CDF of TTFT (dashed)
-    and end-to-end latency (solid) at the highest concurrency; weights and process memory per config."""
+    and end-to-end latency (solid) at the highest concurrency; weights and process memory per config.
+    Written to `path` atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,8 +42,12 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
                 label = f"{name} {'E2E' if key == 'latency' else 'TTFT'}"
                 fraction = np.arange(1, len(values) + 1) / len(values)
                 ax_cdf.step(values, fraction, style, color=colors[name], where="post", label=label)
-    ax_tp.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
-              title="Throughput vs concurrency (bars: min-max over rounds)")  # fmt: skip
+    ax_tp.set(
+        xscale="log",
+        xlabel="concurrent clients",
+        ylabel="output tokens/s",
+        title="Throughput vs concurrency (bars: min-max over rounds)",
+    )
     ax_tp.set_xticks(sorted({r["concurrency"] for r in record["runs"]}))
     ax_tp.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_tp.legend()
@@ -48,9 +55,11 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
     ax_cdf.legend(fontsize=8)
 
     entries = [e for e in record["configs"] if e["status"] == "ok"]
-    bars = {"checkpoint": [e["weight_bytes"] / MiB for e in entries],
-            "RSS when ready": [(e["memory"]["ready_rss"] or 0) / MiB for e in entries],
-            "peak RSS": [e["memory"]["peak_rss"] / MiB for e in entries]}  # fmt: skip
+    bars = {
+        "checkpoint": [e["weight_bytes"] / MiB for e in entries],
+        "RSS when ready": [(e["memory"]["ready_rss"] or 0) / MiB for e in entries],
+        "peak RSS": [e["memory"]["peak_rss"] / MiB for e in entries],
+    }
     if any(e["memory"].get("peak_gpu") is not None for e in entries):
         bars["peak GPU"] = [(e["memory"]["peak_gpu"] or 0) / MiB for e in entries]
     width = 0.8 / len(bars)
@@ -68,5 +77,7 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
         f"{record['date'][:10]}, commit {record['commit']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, png.getvalue())

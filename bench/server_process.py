@@ -29,10 +29,8 @@ class ServerProcess:
         self.name, self.log = name, log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        command = [
-            sys.executable, "-m", "lape_awq.quant.cli", "serve", "--port", str(self.port),
-            "--model", f"{name}={checkpoint}", "--quiet", *serve_args,
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "lape_awq.quant.cli.main", "serve", "--port", str(self.port)]
+        command += ["--model", f"{name}={checkpoint}", "--quiet", *serve_args]
         # The serve flag sets the KV cache; an inherited VLLM_CPU_KVCACHE_SPACE would override it.
         env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
         with log.open("w") as sink:  # own session: stop() signals the engine-core children too

@@ -6,13 +6,16 @@ with random weights, large enough that decode streams the weights (float16, voca
 not depend on how the 4-bit codes were chosen, so the checkpoints here are RTN-quantized (seconds instead of
 minutes of AWQ search); AWQ-opt keeps 0.25% random neurons per MLP, about the default model's 0.21%.
 
-    python -m lape_awq.bench.vllm_speed [--out bench/results]     (run it alone: it uses every core)
+Writes bench/results/vllm_speed_<date>.{json,md}: every engine's rates (median, min and max over the
+rounds) and held weight bytes, and the README's table.
+
+    lape-awq bench engine [--out bench/results]     (run it alone: it uses every core)
+    lape-awq bench engine --table bench/results/vllm_speed_<date>.json     (only print the table)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -22,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from lape_awq.bench.run_info import git_commit, machine
+from lape_awq.bench.formatting import MiB, number, ratio
+from lape_awq.bench.run_info import result_header, write_json
+from lape_awq.quant.file_io import write_atomic
 
 NEW_TOKENS = 64
 PROMPT_TOKENS = 32
@@ -36,23 +41,31 @@ WORKLOADS = {
     "prefill_tok_s": (PREFILL_PROMPTS, PREFILL_TOKENS, 1),
 }
 LLAMA_SHAPE = dict(
-    vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) -> dict[str, Path]:
     """FP (the float model itself), plain W4 and W4 + random kept neurons, all RTN g128."""
-    from lape_awq.quant.checkpoint import write_checkpoint
-    from lape_awq.quant.model_loading import decoder_mlps
-    from lape_awq.quant.quantizer import QuantSpec, quantize_model
+    from lape_awq.quant.architectures import decoder_layers
+    from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
+    from lape_awq.quant.checkpoint.writer import write_checkpoint
+    from lape_awq.quant.lape.kept_neurons import random_like
 
-    gen = torch.Generator().manual_seed(seed)
-    mlps = decoder_mlps(model)
-    inter = mlps[0].down_proj.in_features
+    layers = decoder_layers(model)
+    inter = model.config.intermediate_size
     k = max(1, round(KEPT_FRACTION * inter))
-    kept = [torch.randperm(inter, generator=gen)[:k].sort().values for _ in mlps]
+    kept = random_like([torch.empty(k)] * len(layers), inter, seed)
     paths = {"fp": root / "fp"}
     model.save_pretrained(paths["fp"])
     tokenizer.save_pretrained(paths["fp"])
@@ -60,9 +73,13 @@ def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) 
         quantized = quantize_model(model, None, QuantSpec("rtn"), kept=keep, progress=False)
         sparse = None
         if keep is not None:
-            sparse = {"languages": [], "selection": "random", "dtype": "float16",
-                      "projections": ["gate_proj", "up_proj", "down_proj"],
-                      "neurons_per_layer": [len(x) for x in keep]}  # fmt: skip
+            sparse = {
+                "languages": [],
+                "selection": "random",
+                "dtype": "float16",
+                "projections": ["gate_proj", "up_proj", "down_proj"],
+                "neurons_per_layer": [len(x) for x in keep],
+            }
         paths[name] = root / name
         write_checkpoint(paths[name], model, tokenizer, quantized, 128, sparse, {"method": f"bench-{name}"})
     return paths
@@ -88,9 +105,15 @@ class Engine:
         from vllm import LLM
 
         self.llm = LLM(
-            model=str(path), dtype=dtype, quantization=quantization, max_model_len=1024, enforce_eager=False,
-            skip_tokenizer_init=skip_tokenizer, seed=0, enable_prefix_caching=False,
-        )  # fmt: skip
+            model=str(path),
+            dtype=dtype,
+            quantization=quantization,
+            max_model_len=1024,
+            enforce_eager=False,
+            skip_tokenizer_init=skip_tokenizer,
+            seed=0,
+            enable_prefix_caching=False,
+        )
         self.samples: dict[str, list[float]] = {name: [] for name in WORKLOADS}
         self.rate("decode_tok_s_b1", warm_up=True)  # compilation, caches
 
@@ -141,7 +164,7 @@ def measure_group(plan: list[tuple[str, Path, str, str | None, bool]]) -> list[d
 
 def markdown_table(record: dict) -> str:
     """The README's table: medians, with each other quantized row's ratio to `our awq` of the same model."""
-    columns = {"decode_tok_s_b1": 1, "decode_tok_s_b16": 1, "prefill_tok_s": 1, "weight_bytes": 2**-20}
+    columns = {"decode_tok_s_b1": 1, "decode_tok_s_b16": 1, "prefill_tok_s": 1, "weight_bytes": 1 / MiB}
     ours = {r["model"]: r for r in record["rows"] if r["method"] == "our awq"}
     lines = [
         "| model | method | dtype | decode b1 tok/s | decode b16 tok/s | prefill tok/s | weights MiB |",
@@ -149,24 +172,24 @@ def markdown_table(record: dict) -> str:
     ]
     for r in record["rows"]:
         base = ours.get(r["model"]) if r["method"] not in ("fp", "our awq") else None
-        cells = []
-        for key, scale in columns.items():
-            cell = f"{r[key] * scale:,.1f}"
-            cells.append(cell + (f" ({r[key] / base[key]:.3f}x)" if base else ""))
+        cells = [
+            number(r[key] * scale) + (f" ({ratio(r[key] / base[key])})" if base else "")
+            for key, scale in columns.items()
+        ]
         lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
     parser.add_argument("--table", type=Path, help="only print the markdown table of this result file")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the checkpoints, measure every engine; prints the table and writes JSON + markdown."""
     if args.table:
         print(markdown_table(json.loads(args.table.read_text())), end="")
-        return
+        return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # up to four engines live at once
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: apply_model, less noise
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -203,10 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"model": model, "method": method, "dtype": dtype, **result})
                 print(json.dumps(rows[-1]), flush=True)
     record = {
-        "benchmark": "vllm_speed",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": machine(),
+        **result_header("vllm_speed"),
         "settings": {
             "new_tokens": NEW_TOKENS,
             "prompt_tokens": PROMPT_TOKENS,
@@ -217,13 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         },
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vllm_speed_{record['date'][:10]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown_table(record))
+    path = write_json(args.out / f"vllm_speed_{record['date'][:10]}.json", record)
+    write_atomic(path.with_suffix(".md"), markdown_table(record))
     print(markdown_table(record))
     print(f"wrote {path} and its .md table")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from lape_awq.bench.commands import run_as_script
+
+    run_as_script(__spec__.name)

@@ -1,4 +1,5 @@
-"""AutoAWQ "gemm" packing of 4-bit weights, and the float reference of the W4 + sparse FP16 linear.
+"""AutoAWQ "gemm" packing of 4-bit weights, and the W4 + sparse FP16 linear's formula in plain torch
+(`w4_sparse_linear`, the oracle the kernel tests evaluate in float64).
 
 Layouts (weights as [in, out], i.e. transposed from nn.Linear):
   qweight int32 [in, out/8]   eight 4-bit codes per int32, nibble i holds output column 8c + AWQ_ORDER[i]
@@ -12,17 +13,20 @@ from __future__ import annotations
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Nibble i holds column 8c + i: the order vLLM's CPU W4A16 GEMM reads (vllm_method/cpu_w4.py).
+STANDARD_ORDER = tuple(range(8))
 # Where column j of a pack of eight ends up: nibble AWQ_REVERSE_ORDER[j].
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [rows, cols] (integers 0..15, cols % 8 == 0) -> int32 [rows, cols/8] in AWQ order."""
+def pack_int4(codes: torch.Tensor, order: tuple[int, ...] = AWQ_ORDER) -> torch.Tensor:
+    """codes [rows, cols] (integers 0..15, cols % 8 == 0) -> int32 [rows, cols/8], nibble i holding
+    column 8c + order[i] (AWQ order by default)."""
     rows, cols = codes.shape
     if cols % 8:
         raise ValueError(f"cannot pack {cols} columns: not a multiple of 8")
-    grouped = codes.to(torch.int32).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
+    grouped = codes.to(torch.int32).reshape(rows, cols // 8, 8)[..., list(order)]
     return (grouped << _SHIFTS.to(codes.device)).sum(dim=-1, dtype=torch.int32)
 
 
@@ -53,7 +57,7 @@ def w4_sparse_linear(
     sparse_rows: torch.Tensor | None = None,
     sparse_cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference `y = x @ dequant(W4) (+ bias) + sparse term`, computed in x's dtype.
+    """The formula `y = x @ dequant(W4) (+ bias) + sparse term` in plain torch, computed in x's dtype.
 
     sparse_rows [k, in]: output channels `sparse_idx` get `x @ rows.T` added (gate/up).
     sparse_cols [k, out]: `x[:, sparse_idx] @ cols` is added (down; one row per kept input neuron).

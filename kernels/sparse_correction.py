@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+# "rows": kept output channels (gate/up); "cols": kept input channels (down).
 SparseKind = Literal["rows", "cols"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,7 +43,9 @@ class SparseCorrection:
             )
 
 
-def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
+def check_sparse_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """`idx` as int64 if it is a 1-D integer tensor, sorted, without duplicates, within [0, size); else a
+    ValueError starting with `what`. The one check of kept-channel indices (kernels, checkpoint, vLLM)."""
     if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError(f"{what}: indices must be a 1-D integer tensor, got {idx.dtype} {list(idx.shape)}")
     if idx.numel():
@@ -56,7 +59,7 @@ def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
 
 def _build(kind: SparseKind, idx: torch.Tensor, values: torch.Tensor, size: int) -> SparseCorrection:
     what = f"sparse {kind}"
-    index = _check_indices(idx, size, what)
+    index = check_sparse_indices(idx, size, what)
     if values.dim() != 2 or values.shape[0] != index.numel():
         raise ValueError(f"{what}: values must be [{index.numel()}, width], got {list(values.shape)}")
     if values.dtype not in _FLOATS:
@@ -84,7 +87,7 @@ def merged_rows(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> SparseCo
     """
     offset, all_idx, all_rows = 0, [], []
     for idx, rows, size in parts:
-        all_idx.append(_check_indices(idx, size, "sparse rows") + offset)
+        all_idx.append(check_sparse_indices(idx, size, "sparse rows") + offset)
         all_rows.append(rows)
         offset += size
     return sparse_rows(torch.cat(all_idx), torch.cat(all_rows), offset)

@@ -1,4 +1,7 @@
-"""Fused W4 dequant-GEMM with the sparse FP16 correction: y = x @ (dequant(W4) + sparse)ᵀ-as-stored (+ bias).
+"""Fused W4 dequant-GEMM with the sparse FP16 correction: y = x @ (dequant(W4) + S) (+ bias).
+
+W4 is [K, N] (in x out, as the checkpoint stores it) and S is zero except in the kept channels, where it
+holds their FP16 residuals (kept output columns n for gate/up, kept input rows k for down).
 
 The weight is read as stored (AutoAWQ gemm: qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales
 [K/g, N]) and dequantized in registers; kept channels get their FP16 residual added to the weight tile in
@@ -240,12 +243,19 @@ def w4_linear(
     target = out if split_k == 1 else workspace
     dummy = qzeros  # never read: stands in for absent optional tensors
     args = (
-        x2, qweight, qzeros, scales,
+        x2,
+        qweight,
+        qzeros,
+        scales,
         dummy if bias is None else bias,
         dummy if sparse is None else sparse.slots,
         dummy if sparse is None else sparse.values,
-        target, m, n_out, k_in, k_per_split,
-    )  # fmt: skip
+        target,
+        m,
+        n_out,
+        k_in,
+        k_per_split,
+    )
     meta = dict(
         GROUP_SIZE=group_size,
         SPARSE=_SPARSE_MODE[None if sparse is None else sparse.kind],
@@ -260,15 +270,26 @@ def w4_linear(
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n_out, cfg.block_n), split_k)
         _w4_gemm_kernel[grid](
-            *args, **meta, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            *args,
+            **meta,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     if split_k > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n_out, block),)](
-            workspace, dummy if bias is None else bias, out, m, n_out,
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, EMULATE_BF16=emulate_bf16, BLOCK=block,
-        )  # fmt: skip
+            workspace,
+            dummy if bias is None else bias,
+            out,
+            m,
+            n_out,
+            SPLIT_K=split_k,
+            HAS_BIAS=bias is not None,
+            EMULATE_BF16=emulate_bf16,
+            BLOCK=block,
+        )
     return out.view(*x.shape[:-1], n_out)
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from lape_awq.quant.atomic_dir import atomic_directory
+from lape_awq.quant.file_io import atomic_directory
 from lape_awq.quant.paths import home_dir
 
 DEFAULT_MODEL_NAME = "gemma3-270m"

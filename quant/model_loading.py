@@ -1,4 +1,4 @@
-"""Find, validate and load a local HF causal LM; give its decoder MLPs; fingerprint its config."""
+"""Find, validate and load a local HF causal LM (one of the architecture table's); fingerprint its config."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lape_awq.quant.architectures import SUPPORTED, architecture_of
 from lape_awq.quant.errors import UserError
 
-SUPPORTED_ARCHITECTURES = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text)"
-_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # Keys that change with tooling, not with the network the config describes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash"}
 
@@ -66,12 +65,13 @@ def load_causal_lm(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     try:
         # Weightless skeleton first: an unsupported layout is refused before any weight is read.
         with torch.device("meta"):
-            decoder_mlps(AutoModelForCausalLM.from_config(config))
+            skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
         raise UserError(
             f"{path}: model type {config.model_type!r} is not a causal LM transformers can load "
-            f"(supported: {SUPPORTED_ARCHITECTURES})"
+            f"(supported: {SUPPORTED})"
         ) from exc
+    architecture_of(skeleton)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except OSError as exc:
@@ -82,36 +82,6 @@ def load_causal_lm(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         raise UserError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from exc
     model.eval()
     return model, tokenizer
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of an HF causal LM (`model.model.layers`)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(_unsupported(model, "no model.layers decoder stack"))
-    return layers
-
-
-def decoder_mlps(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer's gated MLP (gate_proj, up_proj, down_proj, act_fn), or a clear refusal."""
-    mlps = []
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        missing = [p for p in _MLP_PARTS if not isinstance(getattr(mlp, p, None), nn.Linear)]
-        if mlp is None or missing or not callable(getattr(mlp, "act_fn", None)):
-            what = "no mlp" if mlp is None else f"mlp lacks {', '.join(missing) or 'act_fn'}"
-            raise UserError(_unsupported(model, f"layer {i}: {what}"))
-        mlps.append(mlp)
-    return mlps
-
-
-def _unsupported(model: nn.Module, why: str) -> str:
-    arch = type(model).__name__
-    return (
-        f"unsupported architecture {arch} ({why}); lape-awq needs decoder layers with "
-        f"mlp.gate_proj/up_proj/down_proj and mlp.act_fn: {SUPPORTED_ARCHITECTURES}"
-    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
 """Asymmetric 4-bit group quantization of nn.Linear weights ([out, in], groups along `in`), with kept
-(FP16) rows or columns that the quantizer must reproduce exactly and leave out of group statistics."""
+(FP16) rows or columns that the quantizer must reproduce exactly and leave out of group statistics; and
+`QuantizedLinear`, the in-memory form of one quantized linear that the quantizer hands the checkpoint."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ class GroupQuant:
         g = self.group_size
         zeros = self.zeros.repeat_interleave(g, dim=1)
         return (self.codes - zeros).to(self.scales.dtype) * self.scales.repeat_interleave(g, dim=1)
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear's 4-bit form. `sparse` is [k, in] (kept rows: gate/up) or [k, out] (kept columns: down),
+    the FP16 residual that makes the kept neurons' weights exact; `sparse_idx` their sorted indices."""
+
+    quant: GroupQuant
+    bias: torch.Tensor | None
+    sparse_idx: torch.Tensor | None = None
+    sparse: torch.Tensor | None = None
 
 
 def quantize_groups(w: torch.Tensor, group_size: int, skip_cols: torch.Tensor | None = None) -> GroupQuant:

@@ -33,7 +33,7 @@ class EngineOptions:
 
     dtype: str = "auto"
     max_model_len: int | None = None
-    kv_cache_gib: float = 1.0  # CPU: KV-cache bytes
+    kv_cache_gib: float = 1.0  # CPU: KV-cache size in GiB
     gpu_memory_utilization: float = 0.4  # CUDA: fraction of the card, leaves room for a second engine
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
@@ -108,7 +108,7 @@ def quant_method_of(config: dict[str, Any]) -> str:
 
 
 def _default_dtype(config: dict[str, Any]) -> str:
-    """float32 for Gemma 3 on CPU (fp16 is refused, bf16 crashes this CPU), float16 for others on CPU."""
+    """On CPU float32 for Gemma 3 (fp16 is refused, bf16 crashes this CPU), float16 for others; CUDA: auto."""
     import torch
 
     if torch.cuda.is_available():
@@ -132,13 +132,20 @@ def vllm_server_args(name: str, checkpoint: Path, options: EngineOptions, config
 
     dtype = _default_dtype(config) if options.dtype == "auto" else options.dtype
     argv = [
-        "--model", str(checkpoint), "--served-model-name", name, "--dtype", dtype,
-        "--tensor-parallel-size", str(options.tensor_parallel_size),
-        "--max-num-seqs", str(options.max_num_seqs),
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        name,
+        "--dtype",
+        dtype,
+        "--tensor-parallel-size",
+        str(options.tensor_parallel_size),
+        "--max-num-seqs",
+        str(options.max_num_seqs),
         # Several engines live in one process; their stats loggers would collide in one Prometheus
         # registry, and the server keeps its own per-model metrics.
         "--disable-log-stats",
-    ]  # fmt: skip
+    ]
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
     else:

@@ -35,9 +35,10 @@ class _EngineGauges(Collector):
             labels=["model", "checkpoint"],
         )
         info = GaugeMetricFamily(
-            "lape_awq_model_info", "served checkpoints (1 per engine)",
+            "lape_awq_model_info",
+            "served checkpoints (1 per engine)",
             labels=["model", "checkpoint", "state"],
-        )  # fmt: skip
+        )
         for model, checkpoint, state, leases, inside in self._snapshot():
             in_flight.add_metric([model, checkpoint], leases)
             unfinished.add_metric([model, checkpoint], inside)
@@ -55,13 +56,17 @@ class ServerMetrics:
             "lape_awq_requests", "finished API requests", [*labels, "status"], registry=self.registry
         )
         self.errors = Counter(
-            "lape_awq_request_errors", "API requests answered with an error", [*labels, "status"],
+            "lape_awq_request_errors",
+            "API requests answered with an error",
+            [*labels, "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.cancelled = Counter(
-            "lape_awq_cancelled_requests", "requests whose client went away before the end", labels,
+            "lape_awq_cancelled_requests",
+            "requests whose client went away before the end",
+            labels,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.prompt_tokens = Counter(
             "lape_awq_prompt_tokens", "prompt tokens processed", ["model"], registry=self.registry
         )
@@ -69,19 +74,30 @@ class ServerMetrics:
             "lape_awq_generation_tokens", "tokens generated", ["model"], registry=self.registry
         )
         self.ttft = Histogram(
-            "lape_awq_time_to_first_token_seconds", "request arrival to first generated token", ["model"],
-            buckets=TTFT_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "lape_awq_time_to_first_token_seconds",
+            "request arrival to first generated token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "lape_awq_request_latency_seconds", "request arrival to last byte", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "lape_awq_request_latency_seconds",
+            "request arrival to last byte",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineGauges(engine_snapshot))
 
     def observe_request(
-        self, model: str, endpoint: str, status: int, seconds: float,
-        observation: RequestObservation | None, cancelled: bool,
-    ) -> None:  # fmt: skip
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        seconds: float,
+        observation: RequestObservation | None,
+        cancelled: bool,
+    ) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()
         if status >= 400:
             self.errors.labels(model, endpoint, str(status)).inc()

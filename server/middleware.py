@@ -12,10 +12,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lape_awq.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from lape_awq.server.openai_errors import error_body
+
+if TYPE_CHECKING:
+    from lape_awq.server.app import ServerSettings
 
 access_log = logging.getLogger("lape_awq.access")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -36,9 +39,16 @@ def _key_matches(given: str | None, expected: str) -> bool:
 
 
 class GatewayMiddleware:
-    """Auth for /v1 (API key) and /admin (admin key), body limit (413), one access-log line per request."""
+    """Auth for /v1 (API key) and /admin (admin key), body limit (413), a request id (x-request-id), and
+    per request one access-log line and the request metrics."""
 
-    def __init__(self, app: Any, settings: Any, metrics: ServerMetrics, known_model: Callable[[str], bool]):
+    def __init__(
+        self,
+        app: Any,
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        known_model: Callable[[str], bool],
+    ):
         self.app, self.settings, self.metrics, self.known_model = app, settings, metrics, known_model
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
@@ -95,10 +105,13 @@ class GatewayMiddleware:
         async def refuse(code: int, message: str) -> None:
             body = json.dumps(error_body(code, message)).encode()
             extra = [(b"www-authenticate", b"Bearer")] if code == 401 else []
-            await send_wrapper({
-                "type": "http.response.start", "status": code,
-                "headers": [(b"content-type", b"application/json"), *extra],
-            })  # fmt: skip
+            await send_wrapper(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [(b"content-type", b"application/json"), *extra],
+                }
+            )
             await send_wrapper({"type": "http.response.body", "body": body})
 
         refusal = self._refusal(path, headers)
@@ -113,8 +126,16 @@ class GatewayMiddleware:
         finally:
             self._record(scope, state, path, status, finished, arrival, request_id)
 
-    def _record(self, scope: dict, state: dict, path: str, status: int, finished: bool, arrival: float,
-                request_id: str) -> None:  # fmt: skip
+    def _record(
+        self,
+        scope: dict,
+        state: dict,
+        path: str,
+        status: int,
+        finished: bool,
+        arrival: float,
+        request_id: str,
+    ) -> None:
         seconds = time.perf_counter() - arrival
         cancelled = state.get("cancelled", False) or (status != 0 and not finished)
         endpoint = ENDPOINTS.get(path)
@@ -124,10 +145,15 @@ class GatewayMiddleware:
             label = model if model is not None and self.known_model(model) else UNKNOWN_MODEL
             self.metrics.observe_request(label, endpoint, status or 499, seconds, observation, cancelled)
         entry = {
-            "request_id": request_id, "method": scope["method"], "path": path, "status": status or 499,
-            "ms": round(1000 * seconds, 1), "model": model, "cancelled": cancelled,
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": path,
+            "status": status or 499,
+            "ms": round(1000 * seconds, 1),
+            "model": model,
+            "cancelled": cancelled,
             "client": (scope.get("client") or ("-",))[0],
-        }  # fmt: skip
+        }
         if observation is not None:
             entry["prompt_tokens"] = observation.prompt_tokens
             entry["completion_tokens"] = observation.completion_tokens

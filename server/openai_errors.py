@@ -32,6 +32,7 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The JSON body of an error; `code` defaults to the status phrase in snake case."""
     return {
         "error": {
             "message": message,
@@ -43,6 +44,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(error: ApiError) -> JSONResponse:
+    """`error` as a response; a 401 says which scheme to use (WWW-Authenticate: Bearer)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(
         error_body(error.status, error.message, error.param, error.code),

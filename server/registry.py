@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +86,11 @@ class ModelRegistry:
             raise ApiError(503, f"The engine serving `{name}` has stopped; an admin must reload it.", "model")
         if engine.in_flight >= self.max_in_flight:
             raise ApiError(
-                429, f"`{name}` is serving {engine.in_flight} requests, its limit; retry later.", "model",
+                429,
+                f"`{name}` is serving {engine.in_flight} requests, its limit; retry later.",
+                "model",
                 "rate_limit_exceeded",
-            )  # fmt: skip
+            )
         engine.in_flight += 1
         return Lease(engine, self._returned)
 
@@ -171,8 +173,12 @@ class ModelRegistry:
         try:
             await asyncio.wait_for(engine.drained.wait(), self.drain_timeout)
         except asyncio.TimeoutError:
-            log.warning("%s: %d requests still running after %.0f s; stopping the old engine anyway",
-                        engine.name, engine.in_flight, self.drain_timeout)  # fmt: skip
+            log.warning(
+                "%s: %d requests still running after %.0f s; stopping the old engine anyway",
+                engine.name,
+                engine.in_flight,
+                self.drain_timeout,
+            )
         try:
             await engine.shutdown()
         finally:
@@ -189,7 +195,7 @@ class ModelRegistry:
     # --- views ----------------------------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
-        """The truth about every served name, for /v1/models and the admin API."""
+        """The truth about every served name, for /v1/models, /health and the admin API."""
         rows = []
         for slot in self.slots.values():
             engine = slot.active
@@ -209,3 +215,25 @@ class ModelRegistry:
                 }
             )
         return rows
+
+    def engine_snapshot(self) -> Iterator[tuple[str, str, str, int, int]]:
+        """(name, checkpoint, state, leases held, requests inside the engine) for every engine, draining
+        ones included: the metrics' engine gauges, read at scrape time."""
+        for slot in self.slots.values():
+            if slot.active is not None:
+                engine = slot.active
+                yield (
+                    slot.name,
+                    str(engine.checkpoint),
+                    slot.state,
+                    engine.in_flight,
+                    engine.client.get_num_unfinished_requests(),
+                )
+        for engine in self.draining:
+            yield (
+                engine.name,
+                str(engine.checkpoint),
+                "draining",
+                engine.in_flight,
+                engine.client.get_num_unfinished_requests(),
+            )

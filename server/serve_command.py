@@ -28,9 +28,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         "Without --model it serves the default model's AWQ and AWQ-opt checkpoints, building them first.",
     )
     parser.add_argument(
-        "--model", dest="models", action="append", type=_named_path, metavar="NAME=PATH",
+        "--model",
+        dest="models",
+        action="append",
+        type=_named_path,
+        metavar="NAME=PATH",
         help="serve the checkpoint at PATH as NAME (repeatable)",
-    )  # fmt: skip
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument(
@@ -39,10 +43,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         help="required bearer key (env LAPE_AWQ_API_KEY)",
     )
     parser.add_argument(
-        "--admin-key", default=os.environ.get("LAPE_AWQ_ADMIN_KEY"),
+        "--admin-key",
+        default=os.environ.get("LAPE_AWQ_ADMIN_KEY"),
         help="bearer key of the /admin routes (env LAPE_AWQ_ADMIN_KEY); without it they are open only "
         "when no --api-key is set either",
-    )  # fmt: skip
+    )
     parser.add_argument("--dtype", default="auto", help="auto: float32 for Gemma 3 on CPU, float16 otherwise")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV-cache size per model")
@@ -56,10 +61,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 beyond)")
     parser.add_argument(
-        "--quantization", default="auto",
+        "--quantization",
+        default="auto",
         help="auto (default): plain AWQ checkpoints run on lape_awq, others as vLLM picks; awq: stock vLLM "
         "AWQ; any other vLLM quantization method name",
-    )  # fmt: skip
+    )
     parser.add_argument("--chat-template", help="Jinja chat template file for models without one")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
     parser.add_argument("--log-prompts", action="store_true", help="log prompt text (off: metadata only)")
@@ -76,7 +82,7 @@ def _initial_models(args: argparse.Namespace) -> list[tuple[str, Path]]:
             if not (path / "config.json").is_file():
                 raise UserError(f"--model {name}={path}: not a model directory (no config.json)")
         return list(args.models)
-    from lape_awq.quant.default_checkpoints import DEFAULT_METHODS, ensure_default_checkpoint
+    from lape_awq.quant.awq.default_checkpoints import DEFAULT_METHODS, ensure_default_checkpoint
     from lape_awq.quant.default_model import DEFAULT_MODEL_NAME
 
     return [
@@ -93,19 +99,27 @@ def _run_serve(args: argparse.Namespace) -> None:
 
     try:
         options = EngineOptions(
-            dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            kv_cache_gib=args.kv_cache_gib,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-            enforce_eager=args.enforce_eager, chat_template=args.chat_template,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_num_seqs=args.max_num_seqs,
+            enforce_eager=args.enforce_eager,
+            chat_template=args.chat_template,
             quantization=args.quantization,
-        )  # fmt: skip
+        )
     except ValueError as error:
         raise UserError(str(error)) from error
     settings = ServerSettings(
-        models=_initial_models(args), engine_options=options, api_key=args.api_key, admin_key=args.admin_key,
-        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_in_flight=args.max_in_flight,
+        models=_initial_models(args),
+        engine_options=options,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_in_flight=args.max_in_flight,
         log_prompts=args.log_prompts,
-    )  # fmt: skip
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

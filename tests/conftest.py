@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# Every family of quant/architectures.py, for the tests of the table itself.
+ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; it is chosen when a kernel is defined,
 # so before any test module imports one.
@@ -40,18 +42,35 @@ VLLM_ATTENTION = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim"
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
     """A 2-layer, 128-neuron config of a real architecture; token ids as in Gemma's tokenizer."""
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     common.update(overrides)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
+    plain = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if arch in plain:
+        return plain[arch](**common)
+    if arch == "gemma2":
+        return Gemma2Config(**common, sliding_window=64, query_pre_attn_scalar=16)
     if arch == "gemma3":
         return Gemma3TextConfig(**common, sliding_window=64, query_pre_attn_scalar=16)
     raise ValueError(arch)

@@ -18,8 +18,8 @@ from test_vllm_method import KEPT, boost_residuals
 from transformers import AutoModelForCausalLM
 
 from conftest import VLLM_ATTENTION, build_tiny_model
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
-from lape_awq.quant.quantizer import QuantSpec, quantize_model
 
 CYCLE_TEXT = "한국어"
 NEWLINE = "\n"  # the last token of a Gemma-turn chat prompt ("<start_of_turn>model\n")

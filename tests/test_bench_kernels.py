@@ -37,8 +37,12 @@ def test_smoke_run_writes_every_variant(tmp_path: Path) -> None:
     for name in ("gate_up_proj", "down_proj"):
         for m in (1, 37):
             assert {v for n, mm, v in variants if (n, mm) == (name, m)} == {
-                "cublas", "dequant_matmul", "ours_k0", "ours_k1pct",
-            }  # fmt: skip
+                "cublas",
+                "dequant_matmul",
+                "ours_k0",
+                "ours_k1pct",
+            }
     assert all(r["seconds"] > 0 and r["gbps"] > 0 for r in record["rows"])
     assert record["copy_bandwidth_bytes_per_s"] > 0 and record["machine"]["torch"]
+    assert list(record)[:3] == ["tool", "tool_version", "benchmark"] and record["benchmark"] == "kernels"
     assert "| smoke down_proj | 37 |" in result.with_suffix(".md").read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lape_awq.bench.commands import BENCHMARKS
 from lape_awq.bench.process_memory import PeakMemorySampler
 from lape_awq.bench.report import (
     BEGIN,
@@ -23,7 +24,7 @@ from lape_awq.bench.report import (
     seed_table,
 )
 from lape_awq.bench.serve_matrix import aggregate, markdown_tables, parse_config
-from lape_awq.quant.cli import main
+from lape_awq.quant.cli.main import main
 from lape_awq.quant.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +36,29 @@ def _summary(out_tps: float, tpot_ms: float, ttft_ms: float, failed: int = 0) ->
         return {"mean_ms": median, "median_ms": median, "p90_ms": median * 1.5, "p99_ms": median * 2}
 
     return {
-        "duration_s": 10.0, "completed": 5, "failed": failed, "request_throughput": out_tps / 64,
-        "output_throughput": out_tps, "total_token_throughput": out_tps * 2, "ttft": pct(ttft_ms),
-        "tpot": pct(tpot_ms), "itl": pct(tpot_ms), "e2el": pct(ttft_ms + 63 * tpot_ms),
-    }  # fmt: skip
+        "duration_s": 10.0,
+        "completed": 5,
+        "failed": failed,
+        "request_throughput": out_tps / 64,
+        "output_throughput": out_tps,
+        "total_token_throughput": out_tps * 2,
+        "ttft": pct(ttft_ms),
+        "tpot": pct(tpot_ms),
+        "itl": pct(tpot_ms),
+        "e2el": pct(ttft_ms + 63 * tpot_ms),
+    }
 
 
 def _sample(ttft: float, latency: float) -> dict:
-    return {"ok": True, "ttft": ttft, "latency": latency, "output_tokens": 64, "prompt_tokens": 20,
-            "itl": [0.01], "error": None}  # fmt: skip
+    return {
+        "ok": True,
+        "ttft": ttft,
+        "latency": latency,
+        "output_tokens": 64,
+        "prompt_tokens": 20,
+        "itl": [0.01],
+        "error": None,
+    }
 
 
 def serve_record() -> dict:
@@ -59,32 +74,74 @@ def serve_record() -> dict:
     }
     for (config, clients), rounds in table.items():
         for round_, (tps, tpot, ttft) in enumerate(rounds):
-            runs.append({"config": config, "concurrency": clients, "round": round_,
-                         "summary": _summary(tps, tpot, ttft, failed=int(config == "fp" and round_ == 1)),
-                         "errors": [],
-                         "samples": [_sample(ttft / 1000, 3.0), _sample(ttft / 500, 4.0)]})  # fmt: skip
+            runs.append(
+                {
+                    "config": config,
+                    "concurrency": clients,
+                    "round": round_,
+                    "summary": _summary(tps, tpot, ttft, failed=int(config == "fp" and round_ == 1)),
+                    "errors": [],
+                    "samples": [_sample(ttft / 1000, 3.0), _sample(ttft / 500, 4.0)],
+                }
+            )
 
     def memory(ready: int, peak: int) -> dict:
         return {"peak_rss": peak * MiB, "ready_rss": ready * MiB, "peak_gpu": None, "ready_gpu": None}
 
     return {
-        "benchmark": "serve_matrix", "date": "2026-11-20T10:00:00+00:00", "commit": "abc1234",
+        "benchmark": "serve_matrix",
+        "date": "2026-11-20T10:00:00+00:00",
+        "commit": "abc1234",
         "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0+cpu", "vllm": "0.32.0", "gpu": None},
-        "settings": {"baseline": "awq", "concurrency": [1, 4], "repeats": 2, "duration": 10.0, "warmup": 1,
-                     "max_tokens": 64, "seed": 0},
+        "settings": {
+            "baseline": "awq",
+            "concurrency": [1, 4],
+            "repeats": 2,
+            "duration": 10.0,
+            "warmup": 1,
+            "max_tokens": 64,
+            "seed": 0,
+        },
         "configs": [
-            {"name": "fp", "checkpoint": "/m/fp", "quantization": "auto", "weight_bytes": 1000 * MiB,
-             "status": "ok", "reason": None, "memory": memory(2000, 2500)},
-            {"name": "stock-awq", "checkpoint": "/m/awq", "quantization": "awq", "weight_bytes": 400 * MiB,
-             "status": "skipped", "reason": "ValueError: torch.float32 is not supported",
-             "memory": memory(0, 0)},
-            {"name": "awq", "checkpoint": "/m/awq", "quantization": "lape_awq", "weight_bytes": 400 * MiB,
-             "status": "ok", "reason": None, "memory": memory(1000, 1600)},
-            {"name": "awq-opt", "checkpoint": "/m/opt", "quantization": "lape_awq", "weight_bytes": 404 * MiB,
-             "status": "ok", "reason": None, "memory": memory(1010, 1648)},
+            {
+                "name": "fp",
+                "checkpoint": "/m/fp",
+                "quantization": "auto",
+                "weight_bytes": 1000 * MiB,
+                "status": "ok",
+                "reason": None,
+                "memory": memory(2000, 2500),
+            },
+            {
+                "name": "stock-awq",
+                "checkpoint": "/m/awq",
+                "quantization": "awq",
+                "weight_bytes": 400 * MiB,
+                "status": "skipped",
+                "reason": "ValueError: torch.float32 is not supported",
+                "memory": memory(0, 0),
+            },
+            {
+                "name": "awq",
+                "checkpoint": "/m/awq",
+                "quantization": "lape_awq",
+                "weight_bytes": 400 * MiB,
+                "status": "ok",
+                "reason": None,
+                "memory": memory(1000, 1600),
+            },
+            {
+                "name": "awq-opt",
+                "checkpoint": "/m/opt",
+                "quantization": "lape_awq",
+                "weight_bytes": 404 * MiB,
+                "status": "ok",
+                "reason": None,
+                "memory": memory(1010, 1648),
+            },
         ],
         "runs": runs,
-    }  # fmt: skip
+    }
 
 
 def test_aggregate_means_spread_and_ratios_to_the_baseline() -> None:
@@ -130,13 +187,31 @@ def _eval(models: dict[str, tuple[float, float, float, float]], langs=("ko", "en
     out = []
     for name, (ko, en, kl, top1) in models.items():
         ppl = {"ko": ko, "en": en}
-        out.append({"name": name, "path": f"/c/{name}", "langs": {
-            lang: {"ppl": ppl[lang], "kl": kl if lang == "ko" else kl / 2, "top1": top1, "tokens": 2040,
-                   "ppl_change_pct": 100 * (ppl[lang] / (fp[0] if lang == "ko" else fp[1]) - 1)}
-            for lang in langs}})  # fmt: skip
+        out.append(
+            {
+                "name": name,
+                "path": f"/c/{name}",
+                "langs": {
+                    lang: {
+                        "ppl": ppl[lang],
+                        "kl": kl if lang == "ko" else kl / 2,
+                        "top1": top1,
+                        "tokens": 2040,
+                        "ppl_change_pct": 100 * (ppl[lang] / (fp[0] if lang == "ko" else fp[1]) - 1),
+                    }
+                    for lang in langs
+                },
+            }
+        )
     texts = {lang: {"source": "s", "split": "heldout", "sha256": lang * 3, "chars": "1"} for lang in langs}
-    return {"tool": "lape-awq", "max_tokens": max_tokens, "seq_len": 256, "reference": "fp", "texts": texts,
-            "models": out}  # fmt: skip
+    return {
+        "tool": "lape-awq",
+        "max_tokens": max_tokens,
+        "seq_len": 256,
+        "reference": "fp",
+        "texts": texts,
+        "models": out,
+    }
 
 
 def write_results(root: Path) -> Path:
@@ -144,42 +219,72 @@ def write_results(root: Path) -> Path:
     speed, a serving matrix and the pipeline timings."""
     quality = root / "quality_2026-11-20"
     quality.mkdir(parents=True)
-    (quality / "koen_eval.json").write_text(json.dumps(_eval({
-        "fp": (20.0, 16.0, 0.0, 1.0), "awq-mix8": (30.0, 20.0, 0.4, 0.6),
-        "awq-opt-mix8": (27.5, 19.0, 0.3, 0.7),
-    })))  # fmt: skip
+    (quality / "koen_eval.json").write_text(
+        json.dumps(
+            _eval(
+                {
+                    "fp": (20.0, 16.0, 0.0, 1.0),
+                    "awq-mix8": (30.0, 20.0, 0.4, 0.6),
+                    "awq-opt-mix8": (27.5, 19.0, 0.3, 0.7),
+                }
+            )
+        )
+    )
     (quality / "koen_random_eval.json").write_text(
         json.dumps(_eval({"fp": (20.0, 16.0, 0.0, 1.0), "awq-opt-random-mix8": (29.5, 20.0, 0.39, 0.61)}))
     )
     old = root / "quality_2026-01-01"
     old.mkdir()
     (old / "eval.json").write_text(json.dumps(_eval({"fp": (1.0, 1.0, 0.0, 1.0)})))
-    (quality / "judge.json").write_text(json.dumps({"pairs": [
-        {"first": "awq-mix8", "second": "fp", "win_rate": 0.30},
-        {"first": "awq-opt-mix8", "second": "awq-mix8", "win_rate": 0.625},
-    ]}))  # fmt: skip
+    (quality / "judge.json").write_text(
+        json.dumps(
+            {
+                "pairs": [
+                    {"first": "awq-mix8", "second": "fp", "win_rate": 0.30},
+                    {"first": "awq-opt-mix8", "second": "awq-mix8", "win_rate": 0.625},
+                ]
+            }
+        )
+    )
     speed_rows = [
-        {"model": "gemma3-270m", "method": m, "dtype": "float32", "decode_tok_s_b1": b1,
-         "decode_tok_s_b16": 10 * b1,
-         "prefill_tok_s": 40 * b1, "weight_bytes": w * MiB}
+        {
+            "model": "gemma3-270m",
+            "method": m,
+            "dtype": "float32",
+            "decode_tok_s_b1": b1,
+            "decode_tok_s_b16": 10 * b1,
+            "prefill_tok_s": 40 * b1,
+            "weight_bytes": w * MiB,
+        }
         for m, b1, w in (("fp", 20.0, 1000), ("our awq", 24.0, 690), ("our awq-opt", 23.5, 690.5))
-    ]  # fmt: skip
-    speed = {"benchmark": "vllm_speed", "date": "2026-11-20T09:00:00+00:00", "commit": "def5678",
-             "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0+cpu", "gpu": None},
-             "rows": speed_rows}  # fmt: skip
+    ]
+    speed = {
+        "benchmark": "vllm_speed",
+        "date": "2026-11-20T09:00:00+00:00",
+        "commit": "def5678",
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0+cpu", "gpu": None},
+        "rows": speed_rows,
+    }
     (root / "vllm_speed_2026-11-20.json").write_text(json.dumps(speed))
     (root / "vllm_speed_2026-01-01.json").write_text(json.dumps({**speed, "rows": []}))
     (root / "vllm_speed_2026-12-31_experiment.json").write_text(json.dumps({**speed, "rows": []}))  # tagged
     record = serve_record()
     (root / "serve_matrix_2026-11-20.json").write_text(json.dumps(record))
     pipeline = {
-        "benchmark": "pipeline_speed", "date": "2026-11-19T00:00:00+00:00", "commit": "0123abc",
+        "benchmark": "pipeline_speed",
+        "date": "2026-11-19T00:00:00+00:00",
+        "commit": "0123abc",
         "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0+cpu"},
-        "calibration": {"langs": ["ko", "en"], "samples": 16, "seqlen": 512}, "lape_tokens": 1000,
-        "lape_seconds": 10.0, "lape_tokens_per_second": 100.0,
-        "korean_neurons": 79, "quantize_seconds": 20.0, "total_seconds": 31.0, "target_seconds": 600.0,
+        "calibration": {"langs": ["ko", "en"], "samples": 16, "seqlen": 512},
+        "lape_tokens": 1000,
+        "lape_seconds": 10.0,
+        "lape_tokens_per_second": 100.0,
+        "korean_neurons": 79,
+        "quantize_seconds": 20.0,
+        "total_seconds": 31.0,
+        "target_seconds": 600.0,
         "sizes": {"sparse_fraction": 0.00078},
-    }  # fmt: skip
+    }
     (root / "pipeline_speed_2026-11-19.json").write_text(json.dumps(pipeline))
     return root
 
@@ -202,8 +307,14 @@ def test_seed_table_from_fixed_result_files(tmp_path: Path) -> None:
 def test_seed_table_adds_the_mean_change_of_other_eval_groups(tmp_path: Path) -> None:
     """A second eval of other texts (here: a 512-token budget) becomes one column: its mean change vs FP."""
     results = write_results(tmp_path)
-    other = _eval({"fp": (10.0, 10.0, 0.0, 1.0), "awq-mix8": (13.0, 12.0, 0.4, 0.6),
-                   "awq-opt-mix8": (12.0, 11.0, 0.3, 0.7)}, max_tokens=512)  # fmt: skip
+    other = _eval(
+        {
+            "fp": (10.0, 10.0, 0.0, 1.0),
+            "awq-mix8": (13.0, 12.0, 0.4, 0.6),
+            "awq-opt-mix8": (12.0, 11.0, 0.3, 0.7),
+        },
+        max_tokens=512,
+    )
     (results / "quality_2026-11-20" / "other_eval.json").write_text(json.dumps(other))
     lines = seed_table(find_sources(results), "awq-mix8", "awq-opt-mix8").splitlines()
     assert "| ko, en: mean ppl vs FP |" in lines[0]
@@ -297,3 +408,22 @@ def test_benchmark_commands_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert main(["bench", "load", "--model", "m", "--duration", "0"]) == 2
     assert main(["bench", "report", "--results", str(tmp_path)]) == 2
     assert "no quality_<date>/ folder" in capsys.readouterr().err
+
+
+def test_every_benchmark_is_a_bench_subcommand_and_runs_as_a_module(capsys) -> None:
+    """Each module of bench/ with a `run` is in the registry (so `lape-awq bench --help` lists it), and
+    `python -m lape_awq.bench.MODULE` is that subcommand, exit statuses included."""
+    runnable = {p.stem for p in (REPO / "bench").glob("*.py") if "\ndef run(" in p.read_text()}
+    assert {module.__name__.rsplit(".", 1)[-1] for module, _ in BENCHMARKS.values()} == runnable
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    listing = capsys.readouterr().out
+    assert all(f"    {name} " in listing for name in BENCHMARKS)
+
+    def module(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+
+    done = module("lape_awq.bench.lape_speed", "--help")
+    assert done.returncode == 0 and "lape-awq bench lape" in done.stdout and "--seq-len" in done.stdout
+    done = module("lape_awq.bench.kernels", "--models", "gpt-5")
+    assert done.returncode == 2 and "lape-awq: error: unknown model(s)" in done.stderr

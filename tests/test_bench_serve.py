@@ -24,12 +24,35 @@ def test_matrix_runs_every_cell_twice_and_reports_memory_and_the_skipped_config(
     (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     out = tmp_path / "results"
     command = [
-        sys.executable, "-m", "lape_awq.quant.cli", "bench", "serve",
-        "--config", f"awq={checkpoints['awq']}", "--config", f"awq-opt={checkpoints['awq-opt']}",
-        "--config", f"broken={broken}", "--concurrency", "1,2", "--repeats", "2", "--duration", "3",
-        "--warmup", "1", "--max-tokens", str(MAX_TOKENS), "--max-model-len", "512", "--enforce-eager",
-        "--out", str(out), "--tag", "tiny",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lape_awq.quant.cli.main",
+        "bench",
+        "serve",
+        "--config",
+        f"awq={checkpoints['awq']}",
+        "--config",
+        f"awq-opt={checkpoints['awq-opt']}",
+        "--config",
+        f"broken={broken}",
+        "--concurrency",
+        "1,2",
+        "--repeats",
+        "2",
+        "--duration",
+        "3",
+        "--warmup",
+        "1",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--out",
+        str(out),
+        "--tag",
+        "tiny",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[8/8] round 2" in done.stdout  # progress, one line per cell
@@ -50,9 +73,15 @@ def test_matrix_runs_every_cell_twice_and_reports_memory_and_the_skipped_config(
     # every (config, clients) cell twice, the order reversed in the second round
     order = [(r["round"], r["concurrency"], r["config"]) for r in record["runs"]]
     assert order == [
-        (0, 1, "awq"), (0, 1, "awq-opt"), (0, 2, "awq"), (0, 2, "awq-opt"),
-        (1, 1, "awq-opt"), (1, 1, "awq"), (1, 2, "awq-opt"), (1, 2, "awq"),
-    ]  # fmt: skip
+        (0, 1, "awq"),
+        (0, 1, "awq-opt"),
+        (0, 2, "awq"),
+        (0, 2, "awq-opt"),
+        (1, 1, "awq-opt"),
+        (1, 1, "awq"),
+        (1, 2, "awq-opt"),
+        (1, 2, "awq"),
+    ]
     for run in record["runs"]:
         summary, samples = run["summary"], run["samples"]
         assert summary["failed"] == 0 and summary["completed"] == len(samples) > 0

@@ -14,17 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import build_tiny_model
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
-from lape_awq.quant.checkpoint import (
-    MANIFEST,
-    WEIGHTS,
-    load_quantized_model,
-    read_checkpoint,
-    write_checkpoint,
-)
+from lape_awq.quant.checkpoint.layout import MANIFEST, WEIGHTS
+from lape_awq.quant.checkpoint.reader import read_checkpoint
+from lape_awq.quant.checkpoint.torch_reference import W4Linear, install_quantized, load_quantized_model
+from lape_awq.quant.checkpoint.writer import write_checkpoint
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.quantizer import QuantSpec, quantize_model
-from lape_awq.quant.w4_modules import W4Linear, install_quantized
 
 KEPT = [torch.tensor([3, 64, 127]), torch.tensor([0, 8])]
 
@@ -45,9 +41,13 @@ def write(
 ) -> None:
     sparse = None
     if kept is not None:
-        sparse = {"languages": ["ko"], "selection": "lape", "dtype": "float16",
-                  "projections": ["gate_proj", "up_proj", "down_proj"],
-                  "neurons_per_layer": [k.numel() for k in kept]}  # fmt: skip
+        sparse = {
+            "languages": ["ko"],
+            "selection": "lape",
+            "dtype": "float16",
+            "projections": ["gate_proj", "up_proj", "down_proj"],
+            "neurons_per_layer": [k.numel() for k in kept],
+        }
     write_checkpoint(out, model, tokenizer, quantized, 32, sparse, {"method": "test"}, overwrite)
 
 
@@ -128,13 +128,13 @@ CORRUPTIONS = {
     ),
     "index out of range": (
         _edit_tensors(lambda t: t[f"{MLP}.down_proj.sparse_idx"].__setitem__(-1, 128)),
-        f"tensor {MLP}.down_proj.sparse_idx has indices outside",
+        f"tensor {MLP}.down_proj.sparse_idx: index out of range",
     ),
     "unsorted index": (
         _edit_tensors(
             lambda t: t.update({f"{MLP}.down_proj.sparse_idx": t[f"{MLP}.down_proj.sparse_idx"].flip(0)})
         ),
-        f"tensor {MLP}.down_proj.sparse_idx is not strictly increasing",
+        f"tensor {MLP}.down_proj.sparse_idx: indices must be sorted and free of duplicates",
     ),
     "unexpected tensor": (
         _edit_tensors(lambda t: t.update({"extra.weight": torch.zeros(2)})),

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from torch import nn
 
-from lape_awq.quant.cli import main
-from lape_awq.quant.neurons_file import NeuronsFile
+from lape_awq.quant.cli.main import main
+from lape_awq.quant.lape.neurons_file import NeuronsFile
 
 FAST = ["--tokens", "300", "--seq-len", "64", "--quiet"]
 
@@ -26,9 +25,22 @@ def test_neurons_end_to_end_on_tiny_llama(tiny_model_dir, tmp_path: Path, capsys
     model = tiny_model_dir("llama")
     out, plot = tmp_path / "n.safetensors", tmp_path / "n.png"
     code, stdout, _ = run_cli(
-        capsys, "neurons", "--model", str(model), "--out", str(out), "--plot", str(plot), *FAST,
-        "--langs", "ko,en,ja", "--dtype", "float32", "--top-rate", "0.05",
-    )  # fmt: skip
+        capsys,
+        "neurons",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+        *FAST,
+        "--langs",
+        "ko,en,ja",
+        "--dtype",
+        "float32",
+        "--top-rate",
+        "0.05",
+    )
     assert code == 0
     nf = NeuronsFile.load(out)
     assert nf.languages == ["ko", "en", "ja"]
@@ -47,9 +59,18 @@ def test_user_text_files_are_used(tiny_model_dir, tmp_path: Path, capsys) -> Non
     ko.write_text("안녕하세요. 오늘은 날씨가 좋습니다.\n\n한국어 문장을 더 씁니다. " * 40, encoding="utf-8")
     out = tmp_path / "n.safetensors"
     code, _, _ = run_cli(
-        capsys, "neurons", "--model", str(model), "--out", str(out), *FAST, "--langs", "ko,en",
-        "--text", f"ko={ko}",
-    )  # fmt: skip
+        capsys,
+        "neurons",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *FAST,
+        "--langs",
+        "ko,en",
+        "--text",
+        f"ko={ko}",
+    )
     assert code == 0
     meta = NeuronsFile.load(out).metadata
     assert meta["texts"]["ko"]["source"] == str(ko.resolve())
@@ -139,23 +160,9 @@ def test_model_path_prints_the_cache_location(tmp_path: Path, monkeypatch, capsy
     assert "not prepared yet" in stderr
 
 
-def test_unsupported_layout_is_refused_before_work() -> None:
-    from lape_awq.quant.errors import UserError
-    from lape_awq.quant.model_loading import decoder_mlps
-
-    class NoMlp(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = nn.Module()
-            self.model.layers = nn.ModuleList([nn.Linear(2, 2)])
-
-    with pytest.raises(UserError, match="layer 0: no mlp"):
-        decoder_mlps(NoMlp())
-
-
 def test_module_entry_point_runs(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "lape_awq.quant.cli", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "lape_awq.quant.cli.main", "--version"], capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("lape-awq ")
 

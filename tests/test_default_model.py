@@ -6,10 +6,8 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
-from lape_awq.quant.atomic_dir import atomic_directory
 from lape_awq.quant.default_model import SOURCE_MARKER, default_model_dir, is_prepared, prepare_default_model
 from lape_awq.quant.text_sources import builtin_text
 
@@ -43,17 +41,6 @@ def test_converted_model_predicts_held_out_text(default_model_dir: Path, tokeniz
         assert ids[0, 0] == tokenizer.bos_token_id
         loss = model(input_ids=ids, labels=ids).loss
         assert math.exp(float(loss)) < bound, lang
-
-
-def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "models" / "m"
-    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
-        (tmp / "half.bin").write_bytes(b"x")
-        raise RuntimeError("interrupted")
-    assert not target.exists() and list(target.parent.iterdir()) == []
-    with atomic_directory(target) as tmp:
-        (tmp / "whole.bin").write_bytes(b"x")
-    assert (target / "whole.bin").exists() and list(target.parent.iterdir()) == [target]
 
 
 def test_default_location_follows_lape_awq_home(tmp_path: Path, monkeypatch) -> None:

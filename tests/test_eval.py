@@ -14,14 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import build_tiny_model
+from lape_awq.quant.awq.pipeline import quantize_checkpoint
+from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.checkpoint import MANIFEST, load_quantized_model
-from lape_awq.quant.cli import main
+from lape_awq.quant.checkpoint.layout import MANIFEST
+from lape_awq.quant.checkpoint.torch_reference import load_quantized_model
+from lape_awq.quant.cli.main import main
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.eval_report import load_json, markdown, write_reports
-from lape_awq.quant.evaluation import FP_NAME, evaluate, load_checkpoints
-from lape_awq.quant.pipeline import quantize_checkpoint
-from lape_awq.quant.quantizer import QuantSpec
+from lape_awq.quant.evaluation.checkpoints import load_checkpoints
+from lape_awq.quant.evaluation.report import load_json, markdown, write_reports
+from lape_awq.quant.evaluation.scoring import FP_NAME, evaluate
 from lape_awq.quant.text_sources import LanguageText, builtin_text
 
 CALIB = CalibrationSpec(("en",), 4, 64)
@@ -63,9 +65,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Tiny:
             model_dir, dirs[method], QuantSpec(method=method, group_size=32), CALIB, None, False
         )
     return Tiny(
-        model_dir, dirs["rtn"], dirs["awq"], fp,
-        load_quantized_model(dirs["rtn"], torch.float32), load_quantized_model(dirs["awq"], torch.float32),
-    )  # fmt: skip
+        model_dir,
+        dirs["rtn"],
+        dirs["awq"],
+        fp,
+        load_quantized_model(dirs["rtn"], torch.float32),
+        load_quantized_model(dirs["awq"], torch.float32),
+    )
 
 
 def reference_windows(tokenizer, text: LanguageText, max_tokens: int, seq_len: int) -> list[list[int]]:
@@ -144,9 +150,15 @@ def test_reports_are_written_and_json_round_trips(tiny: Tiny, tokenizer, tmp_pat
     texts = [builtin_text("ko", "heldout"), builtin_text("en", "heldout")]
     paths = {FP_NAME: str(tiny.model_dir), "rtn": str(tiny.rtn_dir)}
     result = evaluate(
-        tiny.fp, tokenizer, {"rtn": tiny.rtn}, texts, max_tokens=40, seq_len=20, progress=False,
+        tiny.fp,
+        tokenizer,
+        {"rtn": tiny.rtn},
+        texts,
+        max_tokens=40,
+        seq_len=20,
+        progress=False,
         model_paths=paths,
-    )  # fmt: skip
+    )
     written = write_reports(result, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.json", "eval.md", "eval.png"]
     assert load_json(written["json"]) == result
@@ -177,10 +189,22 @@ def test_eval_command_end_to_end(tiny: Tiny, tmp_path: Path, capsys) -> None:
     )
     out = tmp_path / "results"
     code, stdout, _ = run_cli(
-        capsys, "eval", "--model", str(tiny.model_dir), "--checkpoint", str(tiny.rtn_dir),
-        "--checkpoint", f"opt={tiny.awq_dir}", "--langs", "ko,en", "--text", f"ko={ko}", "--out", str(out),
+        capsys,
+        "eval",
+        "--model",
+        str(tiny.model_dir),
+        "--checkpoint",
+        str(tiny.rtn_dir),
+        "--checkpoint",
+        f"opt={tiny.awq_dir}",
+        "--langs",
+        "ko,en",
+        "--text",
+        f"ko={ko}",
+        "--out",
+        str(out),
         *FAST,
-    )  # fmt: skip
+    )
     assert code == 0
     result = load_json(out / "eval.json")
     assert result.models == [FP_NAME, "rtn", "opt"] and result.langs == ["ko", "en"]

@@ -18,32 +18,31 @@ import pytest
 import torch
 from fastapi import FastAPI, HTTPException, Request
 
+from lape_awq.quant.awq.pipeline import quantize_checkpoint
+from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.cli import main
+from lape_awq.quant.cli.main import main
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.evaluation import FP_NAME
-from lape_awq.quant.judge import (
-    KEY_ENV,
-    SYSTEM_PROMPT,
-    SYSTEM_PROMPT_REF,
-    JudgeClient,
-    combine,
-    contender_pairs,
-    judge_answers,
-    judge_messages,
-    parse_verdict,
-    prompt_ids,
-    win_rate,
-)
-from lape_awq.quant.judge_questions import (
+from lape_awq.quant.evaluation.judge.answers import prompt_ids
+from lape_awq.quant.evaluation.judge.client import KEY_ENV, JudgeClient
+from lape_awq.quant.evaluation.judge.pairwise import judge_answers
+from lape_awq.quant.evaluation.judge.questions import (
     CATEGORIES,
     Question,
     load_questions,
     parse_questions,
     select_questions,
 )
-from lape_awq.quant.pipeline import quantize_checkpoint
-from lape_awq.quant.quantizer import QuantSpec
+from lape_awq.quant.evaluation.judge.verdicts import (
+    SYSTEM_PROMPT,
+    SYSTEM_PROMPT_REF,
+    combine,
+    contender_pairs,
+    judge_messages,
+    parse_verdict,
+    win_rate,
+)
+from lape_awq.quant.evaluation.scoring import FP_NAME
 
 HANGUL = re.compile("[가-힣]")
 KEY = "test-key"
@@ -133,10 +132,16 @@ def test_parse_verdict(reply: str, verdict: str) -> None:
 def test_a_win_needs_both_orders_to_agree() -> None:
     # first_as_a: the verdict with the first model as assistant A; first_as_b: after swapping.
     expected = {
-        ("A", "B"): "win", ("B", "A"): "loss", ("C", "C"): "tie",
-        ("A", "A"): "tie", ("B", "B"): "tie",  # position bias: whoever is shown first wins
-        ("A", "C"): "tie", ("C", "B"): "tie", ("B", "C"): "tie", ("C", "A"): "tie",
-    }  # fmt: skip
+        ("A", "B"): "win",
+        ("B", "A"): "loss",
+        ("C", "C"): "tie",
+        ("A", "A"): "tie",
+        ("B", "B"): "tie",  # position bias: whoever is shown first wins
+        ("A", "C"): "tie",
+        ("C", "B"): "tie",
+        ("B", "C"): "tie",
+        ("C", "A"): "tie",
+    }
     for (first_as_a, first_as_b), outcome in expected.items():
         assert combine(first_as_a, first_as_b) == outcome, (first_as_a, first_as_b)
     for verdict in ("A", "B", "C", "error"):
@@ -178,7 +183,7 @@ def test_a_base_model_answer_ends_where_it_starts_a_new_question_or_answer(token
     from torch import nn
     from transformers import GenerationConfig
 
-    from lape_awq.quant.judge import _stop_at_plain_marker, generate_answer
+    from lape_awq.quant.evaluation.judge.answers import generate_answer, stop_at_plain_marker
 
     ids, _ = prompt_ids(tokenizer, "질문")
     said = tokenizer("  서울입니다.\n답변: 서울\n질문: 또", add_special_tokens=False)["input_ids"]
@@ -186,7 +191,7 @@ def test_a_base_model_answer_ends_where_it_starts_a_new_question_or_answer(token
     model.generation_config = GenerationConfig(eos_token_id=1)
     model.generate = lambda **kwargs: torch.tensor([ids + said])  # what a base model would write
     assert generate_answer(model, tokenizer, "질문", 32) == "서울입니다."
-    stop = _stop_at_plain_marker(tokenizer, len(ids))
+    stop = stop_at_plain_marker(tokenizer, len(ids))
     upto = len(tokenizer("  서울입니다.", add_special_tokens=False)["input_ids"])
     assert not bool(stop(torch.tensor([ids + said[:upto]]), None)[0])
     assert bool(stop(torch.tensor([ids + said]), None)[0])
@@ -235,10 +240,13 @@ def judge_app(requests: list[dict[str, Any]]) -> FastAPI:
         reply = length_judge(body["messages"][-1]["content"])
         message = {"role": "assistant", "content": reply}
         return {
-            "id": f"chatcmpl-{len(requests)}", "object": "chat.completion", "created": 0,
-            "model": body["model"], "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "id": f"chatcmpl-{len(requests)}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }  # fmt: skip
+        }
 
     return app
 
@@ -329,9 +337,13 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dic
     for method in ("rtn", "awq"):
         dirs[method] = root / method
         quantize_checkpoint(
-            model_dir, dirs[method], QuantSpec(method=method, group_size=32), CalibrationSpec(("en",), 2, 32),
-            None, False,
-        )  # fmt: skip
+            model_dir,
+            dirs[method],
+            QuantSpec(method=method, group_size=32),
+            CalibrationSpec(("en",), 2, 32),
+            None,
+            False,
+        )
     return dirs
 
 
@@ -344,10 +356,23 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 def eval_args(dirs: dict[str, Path], out: Path) -> list[str]:
     return [
-        "eval", "--model", str(dirs[FP_NAME]), "--checkpoint", f"awq={dirs['awq']}",
-        "--checkpoint", f"rtn={dirs['rtn']}", "--langs", "ko", "--max-tokens", "64", "--seq-len", "32",
-        "--quiet", "--out", str(out),
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        str(dirs[FP_NAME]),
+        "--checkpoint",
+        f"awq={dirs['awq']}",
+        "--checkpoint",
+        f"rtn={dirs['rtn']}",
+        "--langs",
+        "ko",
+        "--max-tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 def greedy_reference(model_dir: Path, tokenizer, question: str, steps: int) -> str:
@@ -379,9 +404,17 @@ def test_eval_with_the_judge_end_to_end(
     out = tmp_path / "results"
     before = len(judge_server.requests)
     code, stdout, stderr = run_cli(
-        capsys, *eval_args(tiny_checkpoints, out), "--judge-url", judge_server.url,
-        "--judge-questions", "8", "--judge-max-tokens", "6", "--judge-parallel", "2",
-    )  # fmt: skip
+        capsys,
+        *eval_args(tiny_checkpoints, out),
+        "--judge-url",
+        judge_server.url,
+        "--judge-questions",
+        "8",
+        "--judge-max-tokens",
+        "6",
+        "--judge-parallel",
+        "2",
+    )
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "eval.json",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.lape import (
+from lape_awq.quant.lape.selection import (
     LapeOptions,
     activation_probabilities,
     lape_entropy,

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from conftest import ARCHITECTURES, build_tiny_model
-from lape_awq.quant.activation_stats import count_positive_activations
-from lape_awq.quant.lape import LapeOptions
-from lape_awq.quant.model_loading import decoder_layers, decoder_mlps
-from lape_awq.quant.neuron_finder import SamplingSettings, find_language_neurons
+from lape_awq.quant.architectures import decoder_layers
+from lape_awq.quant.lape.activation_stats import count_positive_activations
+from lape_awq.quant.lape.finder import SamplingSettings, find_language_neurons
+from lape_awq.quant.lape.selection import LapeOptions
 from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, language_texts
 
 HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
@@ -39,7 +39,7 @@ def plant_neurons(model: nn.Module, is_hangul: torch.Tensor) -> None:
     for layer in decoder_layers(model):
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    for i, mlp in enumerate(decoder_mlps(model)):
+    for i, mlp in enumerate(layer.mlp for layer in decoder_layers(model)):
         gate = mlp.gate_proj.weight
         gate.copy_(torch.randn(gate.shape, generator=gen) / gate.shape[1] ** 0.5)
         gate[:, :2] = 0.0
@@ -79,7 +79,7 @@ def test_counts_match_direct_computation(tokenizer) -> None:
     model = build_tiny_model("gemma3", len(tokenizer), seed=3)
     batch = torch.randint(3, 5000, (3, 17), generator=torch.Generator().manual_seed(0))
     captured: list[torch.Tensor] = []
-    mlps = decoder_mlps(model)
+    mlps = [layer.mlp for layer in decoder_layers(model)]
     handles = [m.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) for m in mlps]
     with torch.no_grad():
         model.model(input_ids=batch)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.lape import activation_probabilities, select_language_neurons
-from lape_awq.quant.neurons_file import NeuronsFile
+from lape_awq.quant.lape.neurons_file import NeuronsFile
+from lape_awq.quant.lape.selection import activation_probabilities, select_language_neurons
 
 
 def sample_file() -> NeuronsFile:

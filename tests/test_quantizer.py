@@ -1,5 +1,5 @@
-"""RTN / AWQ / AWQ-opt on tiny real-architecture models: folding is exact, AWQ beats RTN, kept neurons
-are reproduced, and a checkpoint loads back to the same logits."""
+"""RTN / AWQ / AWQ-opt on tiny real-architecture models: AWQ beats RTN, kept neurons are reproduced
+exactly, and only they change."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from conftest import ARCHITECTURES, build_tiny_model
-from lape_awq.quant.awq_search import ScaleGroup, apply_scales
+from lape_awq.quant.architectures import decoder_layers
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
-from lape_awq.quant.model_loading import decoder_layers
-from lape_awq.quant.quantizer import QuantSpec, _mlp_norm, quantize_model
-from lape_awq.quant.w4_modules import W4Linear, install_quantized
+from lape_awq.quant.checkpoint.torch_reference import W4Linear, install_quantized
+from lape_awq.quant.lape.kept_neurons import random_like
 
 KEPT = [torch.tensor([0, 5, 127]), torch.tensor([31, 32, 64, 100])]  # first/last neuron, a group edge
 
@@ -30,8 +30,12 @@ def lively(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for layer in decoder_layers(model):
-            for lin in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):  # fmt: skip
+            for lin in (
+                *(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            ):
                 lin.weight.mul_(1 + 4 * torch.rand(lin.weight.shape[1], generator=gen) ** 8)
     return model
 
@@ -39,28 +43,6 @@ def lively(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.double()
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_folding_scales_keeps_the_float_model_exact(arch: str, tokenizer) -> None:
-    model = build_tiny_model(arch, len(tokenizer)).double()
-    ids = calibration_batch(tokenizer, CalibrationSpec(("ko",), 2, 32))
-    before = logits(model, ids)
-    gen = torch.Generator().manual_seed(0)
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = [
-            ScaleGroup("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], [], None),
-            ScaleGroup("gate_up", _mlp_norm(layer), [mlp.gate_proj, mlp.up_proj], [], None),
-            ScaleGroup("down", mlp.up_proj, [mlp.down_proj], [], None),
-        ]
-        for g in groups:
-            apply_scales(
-                g, torch.rand(g.linears[0].in_features, generator=gen, dtype=torch.float64) * 3 + 0.1
-            )
-    # Gemma's RMSNorm computes in float32 even in a float64 model; a wrong fold is off by O(0.1).
-    tolerance = 1e-6 if arch == "gemma3" else 1e-9
-    assert torch.allclose(logits(model, ids), before, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -108,12 +90,41 @@ def test_kept_neurons_are_reproduced(arch: str, aware: bool, tokenizer) -> None:
 
 
 def test_random_kept_neurons_change_only_their_rows(tokenizer) -> None:
+    """RTN with random kept neurons against plain RTN: gate/up differ only in the kept rows, down only in
+    the column groups that hold a kept column (those leave the group's range); the kept weights are the
+    float ones, and every other weight of every linear is identical."""
     calib, _ = calib_and_eval(tokenizer)
-    model = build_tiny_model("llama", len(tokenizer))
-    plain = quantize_model(copy.deepcopy(model), calib, QuantSpec("rtn", group_size=32), progress=False)
-    opt = quantize_model(
-        copy.deepcopy(model), calib, QuantSpec("rtn", group_size=32), kept=KEPT, progress=False
-    )
-    name = "model.layers.1.mlp.gate_proj"
-    assert torch.equal(plain[name].quant.codes, opt[name].quant.codes)  # rows: same groups, same codes
-    assert plain[name].sparse is None and opt[name].sparse.shape == (4, 64)
+    model = lively(build_tiny_model("llama", len(tokenizer)))
+    kept = random_like(KEPT, 128, seed=3)
+    assert [k.numel() for k in kept] == [k.numel() for k in KEPT]
+    assert any(not torch.equal(a, b) for a, b in zip(kept, KEPT, strict=True))
+    spec = QuantSpec("rtn", group_size=32)
+    plain = quantize_model(copy.deepcopy(model), calib, spec, progress=False)
+    opt = quantize_model(copy.deepcopy(model), calib, spec, kept=kept, progress=False)
+    assert plain.keys() == opt.keys()
+    for name, q in plain.items():
+        i, proj = int(name.split(".")[2]), name.rpartition(".")[2]
+        float_w = model.get_submodule(name).weight.double()
+        before = W4Linear.from_quantized(q, None).dense_weight(torch.float64).T  # [out, in]
+        dim = "cols" if proj == "down_proj" else "rows"
+        after = W4Linear.from_quantized(opt[name], dim if opt[name].sparse is not None else None)
+        after = after.dense_weight(torch.float64).T
+        changed = before != after
+        if not proj.endswith(("gate_proj", "up_proj", "down_proj")):
+            assert opt[name].sparse is None and not changed.any(), name
+            continue
+        keep = kept[i]
+        if dim == "rows":
+            expected_rows = torch.zeros(changed.shape[0], dtype=torch.bool)
+            expected_rows[keep] = True
+            assert torch.equal(changed.any(dim=1), expected_rows), name
+            exact = after[keep]
+            want = float_w[keep]
+        else:
+            in_groups = torch.zeros(changed.shape[1], dtype=torch.bool)
+            for g in (keep // 32).unique():
+                in_groups[g * 32 : (g + 1) * 32] = True
+            assert not changed[:, ~in_groups].any(), name
+            assert changed[:, keep].any(dim=0).all(), name
+            exact, want = after[:, keep], float_w[:, keep]
+        assert torch.allclose(exact, want, rtol=2**-10, atol=2**-20), name  # fp16 residuals

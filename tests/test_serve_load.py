@@ -130,9 +130,18 @@ def test_closed_loop_counts_every_request(fake_server: str) -> None:
 
 def test_a_request_count_ends_the_window(fake_server: str) -> None:
     samples, _ = asyncio.run(
-        run_load(fake_server, "ok", None, concurrency=3, duration=None, warmup=0, max_tokens=5, seed=0,
-                 num_requests=7)
-    )  # fmt: skip
+        run_load(
+            fake_server,
+            "ok",
+            None,
+            concurrency=3,
+            duration=None,
+            warmup=0,
+            max_tokens=5,
+            seed=0,
+            num_requests=7,
+        )
+    )
     assert len(samples) == 7 and all(s.ok for s in samples)
 
 
@@ -141,18 +150,38 @@ def test_poisson_arrivals_follow_the_seeded_schedule_and_the_concurrency_cap(fak
     schedule = arrival_offsets(rate, seed=3, count=count)
     assert np.all(np.diff(schedule) > 0) and schedule[0] > 0
     samples, _ = asyncio.run(
-        run_load(fake_server, "ok", None, concurrency=count, duration=None, warmup=0, max_tokens=5, seed=3,
-                 num_requests=count, request_rate=rate)
-    )  # fmt: skip
+        run_load(
+            fake_server,
+            "ok",
+            None,
+            concurrency=count,
+            duration=None,
+            warmup=0,
+            max_tokens=5,
+            seed=3,
+            num_requests=count,
+            request_rate=rate,
+        )
+    )
     sent = sorted(s.sent for s in samples)
     assert len(sent) == count and all(s.ok for s in samples)
     # with free slots every request leaves at its scheduled time (event-loop jitter aside)
     assert all(at <= t < at + 0.08 for at, t in zip(schedule, sent, strict=True))
     # one slot: each request waits for the previous one (~0.4 s each), whatever the schedule says
     capped, _ = asyncio.run(
-        run_load(fake_server, "ok", None, concurrency=1, duration=None, warmup=0, max_tokens=5, seed=3,
-                 num_requests=4, request_rate=1000.0)
-    )  # fmt: skip
+        run_load(
+            fake_server,
+            "ok",
+            None,
+            concurrency=1,
+            duration=None,
+            warmup=0,
+            max_tokens=5,
+            seed=3,
+            num_requests=4,
+            request_rate=1000.0,
+        )
+    )
     gaps = np.diff(sorted(s.sent for s in capped))
     assert len(capped) == 4 and np.all(gaps >= FIRST_DELAY + (TOKENS - 1) * GAP * 0.9)
 
@@ -167,3 +196,17 @@ def test_random_prompts_are_seeded_windows_of_held_out_text() -> None:
     joined = " ".join(held_out)
     assert all(p in joined for p in prompts)
     assert any("\uac00" <= ch <= "\ud7a3" for ch in prompts[0])  # Hangul
+
+
+def test_the_load_command_writes_a_stamped_result_file(fake_server: str, tmp_path, capsys) -> None:
+    from lape_awq.quant.cli.main import main
+
+    argv = ["bench", "load", "--url", fake_server, "--model", "ok", "--num-requests", "3", "--warmup", "0"]
+    assert main([*argv, "--max-tokens", "5", "--concurrency", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("serve_load_*_c2.json")
+    record = json.loads(path.read_text())
+    assert list(record)[:3] == ["tool", "tool_version", "benchmark"] and record["tool"] == "lape-awq"
+    assert record["benchmark"] == "serve_load" and record["machine"]["torch"]
+    assert record["summary"]["completed"] == 3 and len(record["samples"]) == 3
+    assert record["settings"]["request_rate"] is None  # closed loop; strict JSON has no Infinity
+    assert not list(tmp_path.glob(".*"))  # no temp file left beside it

@@ -72,12 +72,30 @@ def server(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Serv
     checkpoints["bytes"] = write_byte_cycle_model(root / "byte-cycle", tokenizer)
     port = _free_port()
     command = [
-        sys.executable, "-m", "lape_awq.quant.cli", "serve", "--port", str(port),
-        "--model", f"korean-chat={checkpoints['awq']}", "--model", f"tiny-opt={checkpoints['awq-opt']}",
-        "--model", f"bytes={checkpoints['bytes']}",
-        "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--max-model-len", str(MAX_MODEL_LEN),
-        "--kv-cache-gib", "1", "--enforce-eager", "--max-body-mb", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lape_awq.quant.cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        f"korean-chat={checkpoints['awq']}",
+        "--model",
+        f"tiny-opt={checkpoints['awq-opt']}",
+        "--model",
+        f"bytes={checkpoints['bytes']}",
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--kv-cache-gib",
+        "1",
+        "--enforce-eager",
+        "--max-body-mb",
+        "1",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     log = root / "server.log"
     with log.open("w") as sink:
@@ -117,11 +135,15 @@ def test_models_lists_every_checkpoint_with_method_and_state(client: openai.Open
     models = {m.id: m.model_dump() for m in client.models.list().data}
     assert set(models) == {"korean-chat", "tiny-opt", "bytes"}
     assert {k: m["quant_method"] for k, m in models.items()} == {
-        "korean-chat": "awq", "tiny-opt": "lape_awq", "bytes": "none",
-    }  # fmt: skip
+        "korean-chat": "awq",
+        "tiny-opt": "lape_awq",
+        "bytes": "none",
+    }
     assert {k: m["engine_quantization"] for k, m in models.items()} == {
-        "korean-chat": "lape_awq", "tiny-opt": "lape_awq", "bytes": None,
-    }  # fmt: skip
+        "korean-chat": "lape_awq",
+        "tiny-opt": "lape_awq",
+        "bytes": None,
+    }
     assert models["tiny-opt"]["checkpoint"] == str(server.checkpoints["awq-opt"].resolve())
     assert all(m["state"] == "ready" and m["max_model_len"] == MAX_MODEL_LEN for m in models.values())
     assert client.models.retrieve("bytes").id == "bytes"
@@ -150,8 +172,15 @@ def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_sampled_stream_equals_non_stream_for_the_same_seed(client: openai.OpenAI) -> None:
-    request = dict(model="tiny-opt", messages=CHAT, max_tokens=12, temperature=0.9, top_p=0.95, seed=7,
-                   extra_body={"ignore_eos": True})  # fmt: skip
+    request = dict(
+        model="tiny-opt",
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0.9,
+        top_p=0.95,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     whole = client.chat.completions.create(**request).choices[0].message.content
     usage = {"include_usage": True}
     chunks = list(client.chat.completions.create(**request, stream=True, stream_options=usage))
@@ -189,9 +218,14 @@ def test_stop_sequence_ends_with_finish_reason_stop(client: openai.OpenAI) -> No
 def test_n_choices_and_seed_reproducibility(client: openai.OpenAI) -> None:
     def sample(seed: int) -> list[str]:
         reply = client.chat.completions.create(
-            model="korean-chat", messages=CHAT, n=3, max_tokens=10, temperature=1.0, seed=seed,
+            model="korean-chat",
+            messages=CHAT,
+            n=3,
+            max_tokens=10,
+            temperature=1.0,
+            seed=seed,
             extra_body={"ignore_eos": True},
-        )  # fmt: skip
+        )
         assert sorted(c.index for c in reply.choices) == [0, 1, 2]
         assert reply.usage.completion_tokens == 30
         return [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
@@ -205,9 +239,14 @@ def test_n_choices_and_seed_reproducibility(client: openai.OpenAI) -> None:
 def test_completions_echo_and_logprobs(client: openai.OpenAI) -> None:
     prompt = "서울의 날씨는"
     reply = client.completions.create(
-        model="korean-chat", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2,
+        model="korean-chat",
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        echo=True,
+        logprobs=2,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     choice = reply.choices[0]
     assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
     assert choice.finish_reason == "length"
@@ -217,9 +256,14 @@ def test_completions_echo_and_logprobs(client: openai.OpenAI) -> None:
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="korean-chat", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        model="korean-chat",
+        messages=CHAT,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == 6
     for step in content:
@@ -231,9 +275,14 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
     def distinct_tokens(**penalties: float) -> int:
         reply = client.chat.completions.create(
-            model="korean-chat", messages=CHAT, max_tokens=24, temperature=0, logprobs=True,
-            extra_body={"ignore_eos": True}, **penalties,
-        )  # fmt: skip
+            model="korean-chat",
+            messages=CHAT,
+            max_tokens=24,
+            temperature=0,
+            logprobs=True,
+            extra_body={"ignore_eos": True},
+            **penalties,
+        )
         return len({step.token for step in reply.choices[0].logprobs.content})
 
     plain = distinct_tokens()
@@ -267,9 +316,11 @@ def test_admin_routes_refuse_the_user_key(server: Server) -> None:
 
 def _post(server: Server, path: str, content: bytes | str, headers: dict | None = None) -> httpx.Response:
     return httpx.post(
-        f"{server.url}{path}", content=content, timeout=120,
+        f"{server.url}{path}",
+        content=content,
+        timeout=120,
         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})},
-    )  # fmt: skip
+    )
 
 
 def _chat(**fields) -> str:
@@ -288,12 +339,14 @@ CLIENT_MISTAKES = {
     "n of zero": ("/v1/chat/completions", _chat(n=0), 400),
     "too many top_logprobs": ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=1000), 400),
     "prompt longer than the context": (
-        "/v1/completions", json.dumps({"model": "korean-chat", "prompt": "서울 " * 600}), 400,
+        "/v1/completions",
+        json.dumps({"model": "korean-chat", "prompt": "서울 " * 600}),
+        400,
     ),
     "max_tokens beyond the context": ("/v1/chat/completions", _chat(max_tokens=MAX_MODEL_LEN * 4), 400),
     "unknown model": ("/v1/chat/completions", _chat(model="no-such-model"), 404),
     "body over the limit": ("/v1/chat/completions", _chat(pad="x" * (2 << 20)), 413),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CLIENT_MISTAKES, ids=list(CLIENT_MISTAKES))
@@ -377,9 +430,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_engine_request(server: S
 
 def _admin(server: Server, method: str, path: str, body: dict | None = None) -> httpx.Response:
     return httpx.request(
-        method, f"{server.url}/admin{path}", json=body, timeout=600,
+        method,
+        f"{server.url}/admin{path}",
+        json=body,
+        timeout=600,
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    )  # fmt: skip
+    )
 
 
 def test_a_failed_swap_keeps_the_old_checkpoint_serving(client, server, tmp_path) -> None:
@@ -428,9 +484,10 @@ def test_the_pairwise_judge_runs_against_a_model_behind_this_server(
     """`eval`'s judge with a real model as judge: AWQ-opt vs AWQ answered by our torch reference, judged by
     a model answering "[[A]]" served here. A judge that always prefers position A makes every asked pair
     a tie (MT-Bench's both-orders rule)."""
-    from lape_awq.quant.checkpoint import load_quantized_model
-    from lape_awq.quant.judge import JudgeClient, run_judge
-    from lape_awq.quant.judge_questions import load_questions
+    from lape_awq.quant.checkpoint.torch_reference import load_quantized_model
+    from lape_awq.quant.evaluation.judge.client import JudgeClient
+    from lape_awq.quant.evaluation.judge.pairwise import run_judge
+    from lape_awq.quant.evaluation.judge.questions import load_questions
 
     judge_dir = write_verdict_judge(tmp_path / "judge", tokenizer)
     body = {"name": "judge", "checkpoint": str(judge_dir), "options": {"max_model_len": 4096}}
@@ -473,9 +530,14 @@ def test_hot_swap_under_load_drops_no_request(client: openai.OpenAI, server: Ser
             try:
                 wanted = 8 + worker % 5
                 raw = own.chat.completions.with_raw_response.create(
-                    model="korean-chat", messages=CHAT, max_tokens=wanted, temperature=0.7, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-                )  # fmt: skip
+                    model="korean-chat",
+                    messages=CHAT,
+                    max_tokens=wanted,
+                    temperature=0.7,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
                 usage = [c.usage for c in raw.parse() if c.usage is not None]
                 outcome = (raw.headers["x-lape-awq-checkpoint"], None, wanted - usage[-1].completion_tokens)
             except Exception as error:  # every failure is a test failure, reported below

@@ -163,7 +163,7 @@ def test_engine_options_are_type_checked() -> None:
     ],
 )
 def test_serve_refuses_bad_arguments_before_starting_anything(argv, message, capsys, tmp_path) -> None:
-    from lape_awq.quant.cli import main
+    from lape_awq.quant.cli.main import main
 
     (tmp_path / "config.json").write_text("{}")
     argv = [a.replace("/x", str(tmp_path)).replace("/y", str(tmp_path)) for a in argv]

@@ -22,10 +22,11 @@ from test_checkpoint import CORRUPTIONS, write
 
 from conftest import ARCHITECTURES, VLLM_ATTENTION, build_tiny_model
 from lape_awq.kernels.awq_packing import dequantize, pack_int4
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
-from lape_awq.quant.checkpoint import MANIFEST, WEIGHTS, load_quantized_model, sha256_file
-from lape_awq.quant.quantizer import QuantSpec, quantize_model
-from lape_awq.quant.w4_modules import W4Linear
+from lape_awq.quant.checkpoint.layout import MANIFEST, WEIGHTS
+from lape_awq.quant.checkpoint.torch_reference import W4Linear, load_quantized_model
+from lape_awq.quant.file_io import sha256_file
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 KEPT = [torch.tensor([3, 64, 127]), torch.tensor([0, 50])]
@@ -43,8 +44,11 @@ def run_engines(
         environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     done = subprocess.run(
         [sys.executable, str(RUNNER), json.dumps({"jobs": jobs})],
-        capture_output=True, text=True, timeout=900, env=environment,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=environment,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("VLLM_RUNNER_RESULT ")]
     assert lines, f"runner failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("VLLM_RUNNER_RESULT "))
@@ -123,11 +127,10 @@ def max_logprob_gap(a: dict, b: dict) -> float:
 
 
 def test_cpu_w4_matmul_matches_float64() -> None:
-    from vllm.platforms import current_platform
+    from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, cpu_w4_matmul, has_w4a16_gemm, kernel_dtype
 
-    from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, cpu_w4_matmul, kernel_dtype
-
-    current_platform.import_kernels()
+    if not has_w4a16_gemm():
+        pytest.skip("this vLLM CPU library has no cpu_gemm_wna16 (no AVX-512): the dense fallback runs")
     gen = torch.Generator().manual_seed(0)
     k_in, n_out, g = 256, 96, 32
     codes, zeros = (
@@ -144,6 +147,28 @@ def test_cpu_w4_matmul_matches_float64() -> None:
         ref = x.double() @ w
         assert y.dtype == dtype
         assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols", None])
+def test_cpu_dense_fallback_equals_the_torch_reference(kind: str | None) -> None:
+    """Without vLLM's W4A16 GEMM the CPU path runs one fp32 weight: dequantized W4 with the kept neurons
+    folded in, exactly the torch reference's effective weight."""
+    from lape_awq.vllm_method.cpu_w4 import dense_weight
+
+    gen = torch.Generator().manual_seed(1)
+    k_in, n_out, g = 128, 64, 32
+    ref = W4Linear(k_in, n_out, g, bias=False, num_sparse=3 if kind else 0, sparse_kind=kind)
+    ref.qweight.copy_(pack_int4(torch.randint(0, 16, (k_in, n_out), generator=gen)))
+    ref.qzeros.copy_(pack_int4(torch.randint(0, 16, (k_in // g, n_out), generator=gen)))
+    ref.scales.copy_((torch.rand(k_in // g, n_out, generator=gen) / 50).half())
+    sparse: tuple = (None, None)
+    if kind:
+        ref.sparse_idx.copy_(torch.tensor([0, 17, 63], dtype=torch.int32))
+        ref.sparse.copy_(torch.randn(ref.sparse.shape, generator=gen).half())
+        sparse = (ref.sparse_idx.long(), ref.sparse)
+    got = dense_weight(ref.qweight, ref.qzeros, ref.scales, g, *sparse, rows=kind == "rows")
+    assert got.dtype == torch.float32 and got.shape == (n_out, k_in)
+    assert torch.equal(got, ref.dense_weight(torch.float32).T)
 
 
 def test_tensor_parallel_ownership_reassembles_the_full_term() -> None:
@@ -206,6 +231,10 @@ def test_engine_matches_the_torch_reference(name: str, engine_results, checkpoin
 
 
 def test_plain_awq_without_the_flag_stays_with_stock_vllm(checkpoints, prompts) -> None:
+    from lape_awq.vllm_method.cpu_w4 import has_w4a16_gemm
+
+    if not has_w4a16_gemm():
+        pytest.skip("stock vLLM AWQ on CPU needs cpu_gemm_wna16, which this vLLM library lacks (no AVX-512)")
     (result,) = run_engines(
         [
             {

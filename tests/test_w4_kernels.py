@@ -1,4 +1,5 @@
-"""The Triton W4 + sparse kernels against the float64 reference (Triton's CPU interpreter, or CUDA).
+"""The Triton W4 + sparse kernels against the layer's formula in plain torch, in float64 (Triton's CPU
+interpreter, or CUDA).
 
 Tolerance, normwise: max|y - ref| <= tol * max|ref| with tol 1e-4 for fp32 and 1e-2 for fp16/bf16; every
 output is poisoned with NaN before the launch, so an element the kernel never writes fails.
@@ -75,9 +76,16 @@ def make_problem(case: Case, x: torch.Tensor, gen: torch.Generator) -> Problem:
     def ref(cols: slice, idx=None, rows=None, kept_cols=None) -> torch.Tensor:
         packs = slice(cols.start // 8, cols.stop // 8)
         return w4_sparse_linear(
-            x64, qweight[:, packs], qzeros[:, packs], scales[:, cols].double(), g,
-            None if bias64 is None else bias64[cols], idx, rows, kept_cols,
-        )  # fmt: skip
+            x64,
+            qweight[:, packs],
+            qzeros[:, packs],
+            scales[:, cols].double(),
+            g,
+            None if bias64 is None else bias64[cols],
+            idx,
+            rows,
+            kept_cols,
+        )
 
     everything = slice(0, n_out)
     dense_only = ref(everything)
@@ -104,11 +112,14 @@ def make_problem(case: Case, x: torch.Tensor, gen: torch.Generator) -> Problem:
     else:
         sparse, reference = None, dense_only
     return Problem(
-        qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE),
+        qweight.to(DEVICE),
+        qzeros.to(DEVICE),
+        scales.to(DEVICE),
         None if bias is None else bias.to(DEVICE),
         None if sparse is None else on_device(sparse),
-        reference, dense_only,
-    )  # fmt: skip
+        reference,
+        dense_only,
+    )
 
 
 def on_device(s: SparseCorrection) -> SparseCorrection:

@@ -80,7 +80,7 @@ class LapeAwqConfig(QuantizationConfig):
         path = Path(model_name)
         if not self.sparse or not (path / "config.json").is_file():
             return  # plain AWQ (stock layout, vLLM checks the shapes) or not a local directory
-        from lape_awq.quant.checkpoint import read_checkpoint
+        from lape_awq.quant.checkpoint.reader import read_checkpoint
         from lape_awq.quant.errors import UserError
 
         try:

@@ -35,9 +35,14 @@ def add_sparse_term(
 
 
 def _cpu_w4_sparse_linear(
-    x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    idx: torch.Tensor, values: torch.Tensor, rows: bool,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    idx: torch.Tensor,
+    values: torch.Tensor,
+    rows: bool,
+) -> torch.Tensor:
     y = cpu_w4_gemm(x, q_weight, scales, zeros)  # a fresh tensor: the term is added in place
     add_sparse_term(y, x, idx, values, rows)
     return y
@@ -47,17 +52,20 @@ _LIBRARY.impl("cpu_w4_sparse_linear", _cpu_w4_sparse_linear, "CPU")
 
 
 @torch.library.register_fake("lape_awq::cpu_w4_sparse_linear", lib=_LIBRARY)
-def _(
-    x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    idx: torch.Tensor, values: torch.Tensor, rows: bool,
-) -> torch.Tensor:  # fmt: skip
+def _(x: torch.Tensor, _q_weight: torch.Tensor, scales: torch.Tensor, *_sparse: object) -> torch.Tensor:
+    """The output's shape for torch.compile: [M, N], N the scales' width."""
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
 def cpu_w4_sparse_linear(
-    x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    idx: torch.Tensor, values: torch.Tensor, rows: bool,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    idx: torch.Tensor,
+    values: torch.Tensor,
+    rows: bool,
+) -> torch.Tensor:
     """x [M, K] @ (dequant(W4) + kept neurons).T in x's dtype (see add_sparse_term for `rows`)."""
     y = torch.ops.lape_awq.cpu_w4_sparse_linear(
         x.to(scales.dtype), q_weight, scales, zeros, idx, values, rows

@@ -4,21 +4,38 @@ Loading: qweight/qzeros/scales are vLLM parameters sharded like stock AWQ. The s
 whole on every rank (they are tiny) and cut to the rank's own neurons after loading, so per-rank counts may
 differ. gate_up_proj receives gate's and up's `sparse_idx`/`sparse_rows` as shards 0 and 1; down_proj adds
 its rank's kept columns inside `apply`, before the all-reduce, so every neuron is counted once.
+
+Running: on CUDA the Triton kernel (kernels/w4_gemm.py); on CPU vLLM's W4A16 GEMM plus the sparse term
+(cpu_w4.py, cpu_sparse.py), or, where vLLM's CPU library lacks that GEMM (no AVX-512), a dense fp32
+weight with the kept neurons folded in.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 from vllm.model_executor.utils import set_weight_attrs
 
+from lape_awq.kernels.sparse_correction import check_sparse_indices
 from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
 from lape_awq.vllm_method.cpu_sparse import cpu_w4_sparse_linear
 from lape_awq.vllm_method.cpu_w4 import cpu_w4_matmul
 from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
 
 PACK = 8
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_dense_fallback() -> None:
+    log.warning(
+        "lape_awq: this vLLM CPU build has no W4A16 GEMM (cpu_gemm_wna16 ships in its AVX-512 library "
+        "only); W4 weights run dequantized to fp32: same outputs, not W4's speed or memory"
+    )
 
 
 def _load_whole(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
@@ -74,9 +91,11 @@ class LapeAwqLinearMethod(LinearMethodBase):
             "scales",
             GroupQuantScaleParameter(
                 data=torch.empty(input_size_per_partition // g, n_local, dtype=params_dtype),
-                input_dim=0, output_dim=1, weight_loader=loader,
+                input_dim=0,
+                output_dim=1,
+                weight_loader=loader,
             ),
-        )  # fmt: skip
+        )
         layer.lape_kind = None
         if self.kept is None:
             return
@@ -95,18 +114,44 @@ class LapeAwqLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if layer.qweight.device.type == "cpu":
-            from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, kernel_dtype
-
-            q_weight, zeros = awq_to_cpu_layout(layer.qweight.data, layer.qzeros.data)
-            layer.lape_qweight = torch.nn.Parameter(q_weight, requires_grad=False)
-            layer.lape_qzeros = torch.nn.Parameter(zeros, requires_grad=False)
-            layer.lape_scales = torch.nn.Parameter(
-                layer.scales.data.to(kernel_dtype(layer.scales.dtype)).contiguous(), requires_grad=False
-            )
-            del layer.qweight, layer.qzeros, layer.scales
         if layer.lape_kind is not None:
             self._shard_sparse(layer)
+        if layer.qweight.device.type != "cpu":
+            return
+        from lape_awq.vllm_method.cpu_w4 import awq_to_cpu_layout, has_w4a16_gemm, kernel_dtype
+
+        if not has_w4a16_gemm():
+            self._to_dense(layer)
+            return
+        q_weight, zeros = awq_to_cpu_layout(layer.qweight.data, layer.qzeros.data)
+        layer.lape_qweight = torch.nn.Parameter(q_weight, requires_grad=False)
+        layer.lape_qzeros = torch.nn.Parameter(zeros, requires_grad=False)
+        layer.lape_scales = torch.nn.Parameter(
+            layer.scales.data.to(kernel_dtype(layer.scales.dtype)).contiguous(), requires_grad=False
+        )
+        del layer.qweight, layer.qzeros, layer.scales
+
+    def _to_dense(self, layer: torch.nn.Module) -> None:
+        """vLLM's CPU W4A16 GEMM is in its AVX-512 kernel library only. Elsewhere the checkpoint runs as a
+        dense fp32 weight with the kept neurons folded in: W4's numbers, not its speed or memory."""
+        from lape_awq.vllm_method.cpu_w4 import dense_weight
+
+        _warn_dense_fallback()
+        kind = layer.lape_kind
+        sparse = (layer.lape_idx.data, layer.lape_values.data) if kind is not None else (None, None)
+        weight = dense_weight(
+            layer.qweight.data,
+            layer.qzeros.data,
+            layer.scales.data,
+            self.config.group_size,
+            *sparse,
+            rows=kind == "rows",
+        )
+        layer.lape_dense = torch.nn.Parameter(weight, requires_grad=False)
+        del layer.qweight, layer.qzeros, layer.scales
+        if kind is not None:
+            del layer.lape_idx, layer.lape_values
+        layer.lape_kind = None
 
     def _shard_sparse(self, layer: torch.nn.Module) -> None:
         values = getattr(layer, f"sparse_{layer.lape_kind}").data
@@ -123,10 +168,10 @@ class LapeAwqLinearMethod(LinearMethodBase):
             local, rows = owned(idx, values, shard, layer.tp_rank)
             kept, full = [idx], [layer.input_size]
         for part, size in zip(kept, full, strict=True):
-            if part.numel() and (
-                int(part.min()) < 0 or int(part.max()) >= size or not bool((part[1:] > part[:-1]).all())
-            ):
-                raise CheckpointError(f"{self.prefix}: sparse_idx must be strictly increasing in [0, {size})")
+            try:
+                check_sparse_indices(part, size, f"{self.prefix}.sparse_idx")
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
         del layer.sparse_idx
         delattr(layer, f"sparse_{layer.lape_kind}")
         layer.lape_idx = torch.nn.Parameter(local, requires_grad=False)
@@ -146,6 +191,9 @@ class LapeAwqLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if x.device.type == "cpu" and hasattr(layer, "lape_dense"):
+            y = torch.nn.functional.linear(x.float(), layer.lape_dense).to(x.dtype)
+            return y if bias is None else y + bias
         if x.device.type == "cpu":
             weights = (x, layer.lape_qweight, layer.lape_scales, layer.lape_qzeros)
             if layer.lape_kind is None:

@@ -1,0 +1,1 @@
+"""The `lape-awq` command: its entry point, shared arguments and the offline subcommands."""

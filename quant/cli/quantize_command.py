@@ -1,0 +1,103 @@
+"""The `quantize` subcommand: RTN, AWQ or AWQ-opt checkpoint from a float model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lape_awq.quant.architectures import MLP_PROJECTIONS
+from lape_awq.quant.awq.quantizer import QuantSpec
+from lape_awq.quant.calibration import CalibrationSpec
+from lape_awq.quant.cli.arguments import add_model_argument, csv_list
+from lape_awq.quant.errors import UserError
+
+
+def add_quantize_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "quantize",
+        help="write a 4-bit checkpoint: rtn, awq or awq-opt (AWQ + the target language's neurons in FP16)",
+        description="Quantize a float model to W4 (group-wise, asymmetric, AutoAWQ gemm layout). "
+        "awq-opt keeps the LAPE neurons of --keep-lang in FP16 as a sparse part; "
+        "its neurons file is made first if missing.",
+    )
+    add_model_argument(parser)
+    defaults, calib = QuantSpec(), CalibrationSpec()
+    parser.add_argument("--method", choices=("rtn", "awq", "awq-opt"), default="awq-opt")
+    parser.add_argument(
+        "--out", type=Path, help="checkpoint directory (default: $LAPE_AWQ_HOME/checkpoints/...)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out once the new checkpoint is done"
+    )
+    parser.add_argument("--neurons", type=Path, help="neurons file (default: the model's, made if missing)")
+    parser.add_argument(
+        "--keep-lang", type=csv_list, default=("ko",), help="languages whose neurons stay FP16"
+    )
+    parser.add_argument("--max-neurons", type=int, help="keep at most this many neurons (lowest LAPE first)")
+    parser.add_argument("--random-neurons", action="store_true", help="control: same counts, random neurons")
+    parser.add_argument(
+        "--sparse-projections",
+        type=csv_list,
+        default=MLP_PROJECTIONS,
+        help="which MLP projections keep FP16 rows/columns",
+    )
+    parser.add_argument(
+        "--naive-sparse",
+        action="store_true",
+        help="searches ignore the kept neurons (quantize, then add residual)",
+    )
+    parser.add_argument("--calib-langs", type=csv_list, default=calib.langs, help="calibration language mix")
+    parser.add_argument("--calib-samples", type=int, default=calib.samples)
+    parser.add_argument("--calib-seqlen", type=int, default=calib.seqlen)
+    parser.add_argument("--calib-text", type=Path, help="calibrate on this UTF-8 file instead")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size, choices=(32, 64, 128))
+    parser.add_argument("--no-duo-scaling", action="store_true", help="scales from activations only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from lape_awq.quant.awq.default_checkpoints import checkpoint_path, ensure_neurons_file
+    from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
+    from lape_awq.quant.model_loading import resolve_model_dir
+
+    opt = args.method == "awq-opt"
+    if not opt and (args.neurons or args.max_neurons is not None or args.random_neurons):
+        raise UserError("--neurons, --max-neurons and --random-neurons are for --method awq-opt")
+    spec = QuantSpec(
+        "rtn" if args.method == "rtn" else "awq",
+        args.group_size,
+        duo_scaling=not args.no_duo_scaling,
+        search_aware=not args.naive_sparse,
+        sparse_projections=tuple(args.sparse_projections),
+    )
+    calib = CalibrationSpec(
+        tuple(args.calib_langs),
+        args.calib_samples,
+        args.calib_seqlen,
+        args.seed,
+        str(args.calib_text) if args.calib_text else None,
+    )
+    model_dir = resolve_model_dir(args.model)
+    keep = None
+    if opt:
+        neurons = args.neurons or ensure_neurons_file(model_dir, progress=not args.quiet)
+        keep = KeepSpec(neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed)
+    out = args.out or checkpoint_path(model_dir, args.method)
+    manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite)
+    sizes = manifest["sizes"]
+    print(f"checkpoint: {out}")
+    print(
+        f"method {manifest['method']}: {sizes['total_bytes'] / 2**20:.1f} MiB, sparse FP16 part "
+        f"{sizes['sparse_bytes'] / 2**10:.1f} KiB (+{100 * sizes['sparse_fraction']:.3f}% of the rest), "
+        f"quantized in {manifest['quantize_seconds']} s"
+    )
+    if opt:
+        print("kept neurons per layer: " + json.dumps(_kept_counts(out)))
+
+
+def _kept_counts(out: Path) -> list[int]:
+    config = json.loads((out / "config.json").read_text())
+    return config["quantization_config"]["sparse"]["neurons_per_layer"]

@@ -1,0 +1,68 @@
+"""The pipeline from a model directory to a checkpoint runs the method its spec and manifest name."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from conftest import build_tiny_model
+from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
+from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
+from lape_awq.quant.checkpoint.layout import MANIFEST, WEIGHTS
+from lape_awq.quant.checkpoint.writer import checkpoint_tensors
+from lape_awq.quant.lape.neurons_file import NeuronsFile
+from lape_awq.quant.model_loading import config_hash
+
+CALIB = CalibrationSpec(("en", "ko"), 4, 64)
+KO = [torch.tensor([1, 40, 127]), torch.tensor([7])]
+
+
+def neurons_file(model_dir: Path, path: Path) -> Path:
+    """A neurons file for the model in `model_dir` whose Korean neurons are KO."""
+    layers, neurons = len(KO), 128
+    mask = torch.zeros(2, layers, neurons, dtype=torch.bool)
+    for i, idx in enumerate(KO):
+        mask[0, i, idx] = True
+    entropy = torch.where(mask.any(0), 0.1, torch.inf).double()
+    model_hash = config_hash(AutoConfig.from_pretrained(model_dir))
+    nf = NeuronsFile(
+        ["ko", "en"],
+        torch.zeros(layers, neurons, 2, dtype=torch.int64),
+        torch.tensor([100, 100]),
+        entropy,
+        mask,
+        {"model": {"config_sha256": model_hash}},
+    )
+    nf.save(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_kept_neurons_keep_the_spec_method(method: str, tokenizer, tmp_path: Path) -> None:
+    """RTN + kept neurons is RTN (it once ran AWQ under an `rtn-opt` manifest): every tensor equals the
+    in-memory quantizer's for the same spec, calibration and kept neurons."""
+    model = build_tiny_model("llama", len(tokenizer))
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    keep = KeepSpec(neurons_file(model_dir, tmp_path / "n.safetensors"))
+    spec = QuantSpec(method, group_size=32)
+
+    manifest = quantize_checkpoint(model_dir, tmp_path / "ckpt", spec, CALIB, keep, progress=False)
+    assert manifest["method"] == f"{method}-opt"
+    assert manifest["quant_spec"]["method"] == method
+    written = load_file(tmp_path / "ckpt" / WEIGHTS)
+
+    expected_model = copy.deepcopy(model)
+    quantized = quantize_model(expected_model, calibration_batch(tokenizer, CALIB), spec, KO, progress=False)
+    expected = checkpoint_tensors(expected_model, quantized)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
+    assert (tmp_path / "ckpt" / MANIFEST).is_file()
