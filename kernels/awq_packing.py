@@ -46,6 +46,27 @@ def dequantize(
     return (q - z) * scales.repeat_interleave(group_size, dim=0)
 
 
+def dense_with_kept(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    sparse_idx: torch.Tensor | None = None,
+    sparse: torch.Tensor | None = None,
+    rows: bool = True,
+) -> torch.Tensor:
+    """The effective weight [in, out] in the dtype of `scales`: dequantized W4 plus the kept channels'
+    residuals (rows: output channels `sparse_idx` get `sparse` [k, in]; else input channels get [k, out])."""
+    w = dequantize(qweight, qzeros, scales, group_size)
+    if sparse_idx is not None and sparse is not None and sparse_idx.numel():
+        idx = sparse_idx.long()
+        if rows:
+            w[:, idx] += sparse.to(w.dtype).T
+        else:
+            w[idx, :] += sparse.to(w.dtype)
+    return w
+
+
 def w4_sparse_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,

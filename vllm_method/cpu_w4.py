@@ -10,9 +10,11 @@ that lacks it (`has_w4a16_gemm`), and the linear method falls back to a dense fp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from lape_awq.kernels.awq_packing import STANDARD_ORDER, dequantize, pack_int4, unpack_int4
+from lape_awq.kernels.awq_packing import STANDARD_ORDER, dense_with_kept, pack_int4, unpack_int4
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -25,6 +27,7 @@ def awq_to_cpu_layout(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torc
     return blocked, pack_int4(unpack_int4(qzeros), STANDARD_ORDER).contiguous()
 
 
+@functools.cache
 def has_w4a16_gemm() -> bool:
     """Whether vLLM's loaded CPU kernel library has `cpu_gemm_wna16` (its AVX-512 builds do, AVX2 not)."""
     from vllm.platforms import current_platform
@@ -49,13 +52,7 @@ def dense_weight(
     """The effective weight in fp32, [out, in] as `F.linear` takes it: dequantized W4 plus the kept
     neurons' residuals (rows: output channels `idx` get `values` [k, in]; else input channels `idx` get
     `values` [k, out])."""
-    w = dequantize(qweight, qzeros, scales.float(), group_size)  # [in, out]
-    if idx is not None and values is not None and idx.numel():
-        if rows:
-            w[:, idx] += values.float().T
-        else:
-            w[idx, :] += values.float()
-    return w.T.contiguous()
+    return dense_with_kept(qweight, qzeros, scales.float(), group_size, idx, values, rows).T.contiguous()
 
 
 def kernel_dtype(act_dtype: torch.dtype) -> torch.dtype:

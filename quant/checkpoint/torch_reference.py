@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lape_awq.kernels.awq_packing import dequantize, pack_int4
+from lape_awq.kernels.awq_packing import dense_with_kept, pack_int4
 from lape_awq.kernels.sparse_correction import SparseKind
 from lape_awq.quant.architectures import architecture_of
 from lape_awq.quant.checkpoint.layout import config_for_model, quantized_linears, sparse_names
@@ -65,14 +65,15 @@ class W4Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The effective weight [in, out]: dequantized W4 plus the sparse part (cached per dtype)."""
         if self._dense is None or self._dense.dtype != dtype:
-            w = dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
-            if self.sparse is not None:
-                idx = self.sparse_idx.long()
-                if self.sparse_kind == "rows":
-                    w[:, idx] += self.sparse.to(dtype).T
-                else:
-                    w[idx, :] += self.sparse.to(dtype)
-            self._dense = w
+            self._dense = dense_with_kept(
+                self.qweight,
+                self.qzeros,
+                self.scales.to(dtype),
+                self.group_size,
+                self.sparse_idx,
+                self.sparse,
+                rows=self.sparse_kind == "rows",
+            )
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
