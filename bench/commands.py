@@ -11,12 +11,22 @@ import argparse
 import sys
 from typing import NoReturn
 
-from lape_awq.bench import kernels, lape_speed, pipeline_speed, report, serve_load, serve_matrix, vllm_speed
+from lape_awq.bench import (
+    kernels,
+    lape_speed,
+    pipeline_speed,
+    report,
+    serve_load,
+    serve_matrix,
+    vllm_speed,
+    vocab_quality,
+)
 
 # subcommand -> (module, one-line help)
 BENCHMARKS = {
     "lape": (lape_speed, "LAPE throughput (tokens/s) on a model, projected to 8 languages x 30k tokens"),
     "pipeline": (pipeline_speed, "the whole AWQ-opt pipeline (LAPE, then quantization), stage by stage"),
+    "vocab": (vocab_quality, "the quantized vocabulary alone: bits, clipping, kept-row rules and budgets"),
     "engine": (vllm_speed, "vLLM engine decode / prefill speed and weights: FP / stock AWQ / AWQ / AWQ-opt"),
     "kernels": (kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
     "load": (serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),

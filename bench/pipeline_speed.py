@@ -1,5 +1,6 @@
 """Whole AWQ-opt pipeline on the default model (LAPE neurons, then AWQ-opt quantization with the
-default recipe), timed stage by stage; target <= 10 minutes on the 2-core CPU. Writes
+default recipe, its 4-bit vocabulary and kept Korean rows included), timed stage by stage; target <= 10
+minutes on the 2-core CPU. Writes
 bench/results/pipeline_speed_<date>.json (the README's "Offline pipeline" table).
 
     lape-awq bench pipeline [--model PATH] [--out bench/results]
@@ -20,6 +21,7 @@ from lape_awq.quant.calibration import CalibrationSpec
 from lape_awq.quant.cli.arguments import add_model_argument
 from lape_awq.quant.lape.job import find_and_save_neurons
 from lape_awq.quant.model_loading import resolve_model_dir
+from lape_awq.quant.vocab.quantizer import default_vocab
 
 TARGET_SECONDS = 600.0
 
@@ -37,12 +39,14 @@ def run(args: argparse.Namespace) -> int:
         nf, lape_seconds = find_and_save_neurons(model_dir, Path(tmp) / "neurons.safetensors")
         lape_total = time.perf_counter() - started
         quant_started = time.perf_counter()
+        keep = KeepSpec(Path(tmp) / "neurons.safetensors")
         manifest = quantize_checkpoint(
             model_dir,
             Path(tmp) / "ckpt",
             QuantSpec(),
             CalibrationSpec(),
-            KeepSpec(Path(tmp) / "neurons.safetensors"),
+            keep,
+            vocab=default_vocab(keep.langs),
         )
         quant_total = time.perf_counter() - quant_started
     total = time.perf_counter() - started
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "quantize_stage_seconds": round(quant_total, 1),
         "total_seconds": round(total, 1),
         "target_seconds": TARGET_SECONDS,
+        "vocab": manifest["vocab_spec"],
         "sizes": manifest["sizes"],
     }
     path = write_json(args.out / f"pipeline_speed_{record['date'][:10]}.json", record)

@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# The README's quality table: every recipe on the default model, then `lape-awq eval` on all of them.
-# About 52 minutes on the 2-core CPU (seven AWQ runs of ~6.3 min each, two LAPE runs, two evals).
+# The README's quality tables: every recipe on the default model, then `lape-awq eval` on all of them.
+# About 75 minutes on the 2-core CPU (ten AWQ runs of ~6.5 min each, two LAPE runs, four evals).
 # Usage: bash bench/quality_matrix.sh [WORK_DIR]
+#
+# Two parts, each its own eval files (the report merges evals of the same texts):
+# - the decoder recipes with the FP16 vocabulary (`--vocab-bits 16`), so they compare methods,
+#   calibrations and neuron controls alone (bench/results/quality_2026-11-25);
+# - the vocabulary at 8 and 4 bits on the default decoder recipe: `awq-v4-mix8` and `awq-opt-v4-mix8`
+#   are exactly the default checkpoints of `lape-awq quantize` (bench/results/quality_2026-12-02).
 set -euo pipefail
 E=${1:-$(mktemp -d)}
 MIX=ko,en,zh,ja,fr,es,vi,id
 lape-awq neurons --quiet --out "$E/neurons.safetensors"
 lape-awq neurons --quiet --top-rate 0.04 --out "$E/neurons-top4.safetensors"
 q() { name=$1; shift; lape-awq quantize --quiet --out "$E/$name" "$@"; }
-q rtn --method rtn
-q awq-en --method awq --calib-langs en
-q awq-opt-en --method awq-opt --calib-langs en --neurons "$E/neurons.safetensors"
-q awq-opt-random-en --method awq-opt --calib-langs en --neurons "$E/neurons.safetensors" --random-neurons
-q awq-mix8 --method awq --calib-langs $MIX
-q awq-opt-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons.safetensors"
-q awq-opt-random-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons.safetensors" --random-neurons
-q awq-opt-top4-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons-top4.safetensors"
-ckpts=()
-for c in rtn awq-en awq-opt-en awq-opt-random-en awq-mix8 awq-opt-mix8 awq-opt-random-mix8 awq-opt-top4-mix8; do ckpts+=(--checkpoint "$E/$c"); done
-lape-awq eval --quiet --langs ko,en --max-tokens 2048 --out "$E/eval-koen" "${ckpts[@]}"
-lape-awq eval --quiet --langs zh,ja,fr,es,vi,id --max-tokens 512 --out "$E/eval-other" "${ckpts[@]}"
-echo "results in $E/eval-koen and $E/eval-other"
+evals() { out=$1; shift; ckpts=(); for c in "$@"; do ckpts+=(--checkpoint "$E/$c"); done
+  lape-awq eval --quiet --langs ko,en --max-tokens 2048 --out "$E/$out-koen" "${ckpts[@]}"
+  lape-awq eval --quiet --langs zh,ja,fr,es,vi,id --max-tokens 512 --out "$E/$out-other" "${ckpts[@]}"; }
+
+# Part 1: decoder recipes, FP16 vocabulary.
+V16=(--vocab-bits 16)
+q rtn --method rtn "${V16[@]}"
+q awq-en --method awq --calib-langs en "${V16[@]}"
+q awq-opt-en --method awq-opt --calib-langs en --neurons "$E/neurons.safetensors" "${V16[@]}"
+q awq-opt-random-en --method awq-opt --calib-langs en --neurons "$E/neurons.safetensors" --random-neurons "${V16[@]}"
+q awq-mix8 --method awq --calib-langs $MIX "${V16[@]}"
+q awq-opt-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons.safetensors" "${V16[@]}"
+q awq-opt-random-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons.safetensors" --random-neurons "${V16[@]}"
+q awq-opt-top4-mix8 --method awq-opt --calib-langs $MIX --neurons "$E/neurons-top4.safetensors" "${V16[@]}"
+evals decoder rtn awq-en awq-opt-en awq-opt-random-en awq-mix8 awq-opt-mix8 awq-opt-random-mix8 awq-opt-top4-mix8
+
+# Part 2: the quantized vocabulary (the defaults: 4 bits; AWQ-opt keeps 2,048 Korean rows).
+q awq-v8-mix8 --method awq --vocab-bits 8
+q awq-v4-mix8 --method awq
+q awq-opt-v4-mix8 --method awq-opt --neurons "$E/neurons.safetensors"
+evals vocab awq-v8-mix8 awq-v4-mix8 awq-opt-v4-mix8
+echo "results in $E/{decoder,vocab}-{koen,other}"

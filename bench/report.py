@@ -1,7 +1,10 @@
 """`lape-awq bench report`: the FP / AWQ / AWQ-opt table and the README's Results, built from result files.
 
 Reads the newest result files in bench/results (by the date in their names):
-- quality: every `*eval.json` (and `*judge.json`) in the newest `quality_<date>/` folder (`lape-awq eval`),
+- quality: every `*eval.json` of every `quality_<date>/` folder (`lape-awq eval`), newest first: evals of
+  the same texts merge into one table, a checkpoint name scored twice keeping its newest scores; the
+  `*judge.json` of the newest folder that has one,
+- the quantized vocabulary alone: `vocab_quality_<date>.json` (`lape-awq bench vocab`),
 - engine speed: `vllm_speed_<date>.json` (`lape-awq bench engine`),
 - serving: `serve_matrix_<date>.json` (`lape-awq bench serve`; runs saved with `--tag` are left out),
 - offline pipeline: `pipeline_speed_<date>.json` (`lape-awq bench pipeline`),
@@ -31,8 +34,9 @@ from lape_awq.quant.file_io import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-# The quality_matrix.sh checkpoint names of the default recipe and its AWQ baseline.
-DEFAULT_AWQ, DEFAULT_AWQ_OPT = "awq-mix8", "awq-opt-mix8"
+# The quality_matrix.sh checkpoint names of the default recipe and its AWQ baseline (both with the default
+# 4-bit vocabulary; names without `-v4` / `-v8` have the FP16 vocabulary of earlier defaults).
+DEFAULT_AWQ, DEFAULT_AWQ_OPT = "awq-v4-mix8", "awq-opt-v4-mix8"
 # Names of the three methods in each benchmark's records.
 SPEED_METHODS = {"fp": "fp", "awq": "our awq", "awq-opt": "our awq-opt"}
 SERVE_CONFIGS = {"fp": "fp", "awq": "awq", "awq-opt": "awq-opt"}
@@ -46,6 +50,7 @@ class Sources:
 
     evals: list[Path]
     judge: Path | None
+    vocab: Path | None
     speed: Path | None
     serve: Path | None
     pipeline: Path | None
@@ -64,12 +69,17 @@ def _untagged(results: Path, benchmark: str) -> list[Path]:
 
 
 def find_sources(results: Path) -> Sources:
-    """The newest file of each kind under `results`."""
-    quality = _newest([p for p in results.glob("quality_*") if p.is_dir()])
-    judges = sorted(quality.glob("*judge.json")) if quality else []
+    """The newest file of each kind under `results`; every quality folder's evals, newest folder first."""
+    folders = sorted(
+        (p for p in results.glob("quality_*") if p.is_dir() and _DATE.search(p.name)),
+        key=lambda p: (_DATE.search(p.name).group(1), p.name),  # type: ignore[union-attr]
+        reverse=True,
+    )
+    judges = [sorted(f.glob("*judge.json")) for f in folders]
     return Sources(
-        evals=sorted(quality.glob("*eval.json")) if quality else [],
-        judge=judges[-1] if judges else None,
+        evals=[p for f in folders for p in sorted(f.glob("*eval.json"))],
+        judge=next((j[-1] for j in judges if j), None),
+        vocab=_newest(_untagged(results, "vocab_quality")),
         speed=_newest(_untagged(results, "vllm_speed")),
         serve=_newest(_untagged(results, "serve_matrix")),
         pipeline=_newest(_untagged(results, "pipeline_speed")),
@@ -121,10 +131,11 @@ def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str,
 
 
 def _calibration_baseline(name: str, models: dict[str, Any]) -> str | None:
-    """The plain AWQ checkpoint with the same calibration suffix (quality_matrix.sh's naming)."""
+    """The plain AWQ checkpoint with the same vocabulary and calibration (quality_matrix.sh's naming:
+    awq-opt[-random|-top4][-v4|-v8]-CALIBRATION -> awq[-v4|-v8]-CALIBRATION)."""
     if not name.startswith("awq-opt"):
         return None
-    candidate = f"awq-{name.rsplit('-', 1)[-1]}"
+    candidate = "-".join(part for part in name.split("-") if part not in ("opt", "random", "top4"))
     return candidate if candidate in models else None
 
 
@@ -266,10 +277,18 @@ def pipeline_table(record: dict[str, Any]) -> str:
         f"{record['lape_tokens']:,} tokens at {number(record['lape_tokens_per_second'], 0)} tokens/s; "
         f"{record['korean_neurons']} Korean neurons"
     )
+    sizes = record["sizes"]
     quantize = (
         f"{calibration['samples']} x {calibration['seqlen']} calibration tokens; "
-        f"sparse part {percent(record['sizes']['sparse_fraction'], 3)} of the rest"
+        f"sparse part {percent(sizes['sparse_fraction'], 3)} of the rest"
     )
+    vocab = record.get("vocab")
+    if vocab and vocab["bits"] != 16:
+        quantize += (
+            f"; {vocab['bits']}-bit vocabulary, {vocab['max_rows']:,} kept rows "
+            f"({percent(sizes['kept_rows_fraction'], 2)} of the rest); "
+            f"checkpoint {number(sizes['total_bytes'] / MiB)} MiB"
+        )
     stages = [
         (f"LAPE over {len(calibration['langs'])} languages", record["lape_seconds"], lape),
         ("AWQ-opt quantization", record["quantize_seconds"], quantize),
@@ -281,10 +300,19 @@ def pipeline_table(record: dict[str, Any]) -> str:
 
 
 QUALITY_NOTE = """\
-Reproduce: `bash bench/quality_matrix.sh` (about 52 minutes). Perplexity on held-out text, KL(FP || Q) in
-nats per token, top-1 agreement with FP. Names: method, then calibration (`en`: English only, as in the AWQ
-paper; `mix8`: the 8 languages, the default); `random`: as many random neurons as LAPE found (the control);
-`top4`: LAPE top-rate 0.04."""
+Reproduce: `bash bench/quality_matrix.sh`. Perplexity on held-out text, KL(FP || Q) in nats per token,
+top-1 agreement with FP. Names: method, then the vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the
+default 2,048 Korean rows kept; none: FP16), then calibration (`en`: English only, as in the AWQ paper;
+`mix8`: the 8 languages, the default); `random`: as many random neurons as LAPE found (the control);
+`top4`: LAPE top-rate 0.04. Tables merge the evals of every dated run on the same texts."""
+VOCAB_NOTE = """\
+Reproduce: `lape-awq bench vocab`. The default model with its decoder in float and only its vocabulary (the
+tied embedding / LM head) quantized, so the table isolates the vocabulary: perplexity change against float,
+KL in nats per token and top-1 agreement on held-out text, the vocabulary's bytes (codes, scales, zero points,
+kept rows), and the share of the plain 4-bit vocabulary's Korean loss the kept rows recover. Kept rows come
+from the built-in corpus's fit text only. Rules: `text+script` (default) the language's tokens by frequency
+in its fit text, then its script's other tokens by tokenizer rank; `script only` its script's tokens by
+tokenizer rank; `pooled` the most frequent tokens of the 8 languages together."""
 SPEED_NOTE = """\
 Reproduce: `lape-awq bench engine` (run it alone). Decode: 64 new tokens after 32-token
 prompts at batch 1 and 16; prefill: 8 x 256 tokens; medians of interleaved rounds. RTN checkpoints (speed
@@ -309,6 +337,7 @@ def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str
     from lape_awq.bench.vllm_speed import markdown_table
 
     speed, serve, pipeline = _load(sources.speed), _load(sources.serve), _load(sources.pipeline)
+    vocab = _load(sources.vocab)
     origin = [f"quality {', '.join(_link(p, base) for p in sources.evals)}"]
     origin += [f"judge {_link(sources.judge, base)}"] if sources.judge else []
     origin += [f"engine speed {_link(sources.speed, base)}"] if speed else []
@@ -336,6 +365,18 @@ def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str
         files = ", ".join(_link(p, base) for p in group["files"])
         head = f"{', '.join(group['langs'])}: first {group['max_tokens']:,} held-out tokens per language"
         parts += ["", f"{head} ({files})", "", quality_table(group)]
+    if vocab:
+        from lape_awq.bench.vocab_quality import markdown_table as vocab_table
+
+        parts += [
+            "",
+            "### The quantized vocabulary alone",
+            "",
+            f"{_link(sources.vocab, base)} ({_stamp(vocab)}).",
+            VOCAB_NOTE,
+            "",
+            vocab_table(vocab).rstrip(),
+        ]
     if speed:
         parts += [
             "",

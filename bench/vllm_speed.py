@@ -1,10 +1,14 @@
-"""vLLM engine speed and weight memory: FP vs our AWQ vs our AWQ-opt vs stock vLLM AWQ, in one run.
+"""vLLM engine speed and weight memory: FP vs our AWQ vs our AWQ-opt vs stock vLLM AWQ, and the vocabulary
+in FP16 / 8 / 4 bits, in one run.
 
 Two models: the embedded default (Gemma 3 270M, float32 as vLLM needs on CPU; stock AWQ cannot run it
 there: it needs fp16/bf16, which Gemma 3 refuses / this CPU's bf16 path crashes) and a Llama-shaped model
-with random weights, large enough that decode streams the weights (float16, vocabulary 32k). Speed does
-not depend on how the 4-bit codes were chosen, so the checkpoints here are RTN-quantized (seconds instead of
-minutes of AWQ search); AWQ-opt keeps 0.25% random neurons per MLP, about the default model's 0.21%.
+with random weights, large enough that decode streams the weights (float16, vocabulary 32k, untied). Speed
+does not depend on how the codes were chosen, so the checkpoints here are RTN-quantized (seconds instead
+of minutes of AWQ search); AWQ-opt keeps 0.25% random neurons per MLP, about the default model's 0.21%,
+and, like the default recipe, DEFAULT_KEPT_ROWS random vocabulary rows. `our awq` and `our awq-opt` are
+the default recipe's vocabulary (4 bits); `fp16 vocab` is the vocabulary AutoAWQ leaves (and lape-awq kept
+before quantizing it).
 
 Writes bench/results/vllm_speed_<date>.{json,md}: every engine's rates (median, min and max over the
 rounds) and held weight bytes, and the README's table.
@@ -28,6 +32,7 @@ import torch
 from lape_awq.bench.formatting import MiB, number, ratio
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.file_io import write_atomic
+from lape_awq.quant.vocab.quantizer import DEFAULT_BITS, DEFAULT_KEPT_ROWS
 
 NEW_TOKENS = 64
 PROMPT_TOKENS = 32
@@ -39,6 +44,11 @@ WORKLOADS = {
     "decode_tok_s_b1": (1, PROMPT_TOKENS, NEW_TOKENS),
     "decode_tok_s_b16": (16, PROMPT_TOKENS, NEW_TOKENS),
     "prefill_tok_s": (PREFILL_PROMPTS, PREFILL_TOKENS, 1),
+}
+WORKLOAD_LABELS = {
+    "decode_tok_s_b1": "decode b1",
+    "decode_tok_s_b16": "decode b16",
+    "prefill_tok_s": "prefill",
 }
 LLAMA_SHAPE = dict(
     vocab_size=32000,
@@ -55,21 +65,49 @@ LLAMA_SHAPE = dict(
 )
 
 
-def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) -> dict[str, Path]:
-    """FP (the float model itself), plain W4 and W4 + random kept neurons, all RTN g128."""
+# Checkpoint -> (random kept neurons, vocabulary bits or None for FP16, kept vocabulary rows).
+CHECKPOINTS = {
+    "awq-fp16-vocab": (False, None, False),
+    "awq-8bit-vocab": (False, 8, False),
+    "awq": (False, DEFAULT_BITS, False),
+    "awq-opt": (True, DEFAULT_BITS, True),
+}
+VOCAB_LABELS = {None: "fp16", 8: "8-bit", 4: "4-bit"}
+
+
+def write_checkpoints(
+    model: torch.nn.Module, tokenizer, root: Path, seed: int, names: tuple[str, ...]
+) -> dict[str, Path]:
+    """FP (the float model itself) and the named CHECKPOINTS, all RTN g128."""
     from lape_awq.quant.architectures import decoder_layers
     from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
+    from lape_awq.quant.checkpoint.layout import vocab_modules
     from lape_awq.quant.checkpoint.writer import write_checkpoint
     from lape_awq.quant.lape.kept_neurons import random_like
+    from lape_awq.quant.vocab.quantizer import VocabSpec, quantize_vocab, vocab_section
 
     layers = decoder_layers(model)
     inter = model.config.intermediate_size
     k = max(1, round(KEPT_FRACTION * inter))
     kept = random_like([torch.empty(k)] * len(layers), inter, seed)
+    vocab_size = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    kept_rows = torch.randperm(vocab_size, generator=gen)[:DEFAULT_KEPT_ROWS].sort().values
     paths = {"fp": root / "fp"}
     model.save_pretrained(paths["fp"])
     tokenizer.save_pretrained(paths["fp"])
-    for name, keep in (("awq", None), ("awq-opt", kept)):
+    for name in names:
+        with_neurons, bits, with_rows = CHECKPOINTS[name]
+        keep = kept if with_neurons else None
+        vocab = {}
+        if bits is not None:
+            rows = kept_rows if with_rows else None
+            spec = VocabSpec(bits, keep_langs=("random",) if with_rows else (), max_rows=len(kept_rows))
+            matrices = {  # no clipping search: speed does not depend on the codes
+                m: quantize_vocab(model.get_submodule(m).weight, spec, rows, clip=False)
+                for m in vocab_modules(model.config)
+            }
+            vocab = {"vocab": matrices, "vocab_section": vocab_section(spec, rows, "random")}
         quantized = quantize_model(model, None, QuantSpec("rtn"), kept=keep, progress=False)
         sparse = None
         if keep is not None:
@@ -81,7 +119,8 @@ def write_checkpoints(model: torch.nn.Module, tokenizer, root: Path, seed: int) 
                 "neurons_per_layer": [len(x) for x in keep],
             }
         paths[name] = root / name
-        write_checkpoint(paths[name], model, tokenizer, quantized, 128, sparse, {"method": f"bench-{name}"})
+        manifest = {"method": f"bench-{name}"}
+        write_checkpoint(paths[name], model, tokenizer, quantized, 128, sparse, manifest, **vocab)
     return paths
 
 
@@ -163,20 +202,36 @@ def measure_group(plan: list[tuple[str, Path, str, str | None, bool]]) -> list[d
 
 
 def markdown_table(record: dict) -> str:
-    """The README's table: medians, with each other quantized row's ratio to `our awq` of the same model."""
+    """The README's table: medians, each quantized row with its ratio to FP of the same model; then the
+    ratios the targets name (AWQ-opt / AWQ at equal vocabulary bits, the default / FP16-vocabulary AWQ)."""
     columns = {"decode_tok_s_b1": 1, "decode_tok_s_b16": 1, "prefill_tok_s": 1, "weight_bytes": 1 / MiB}
-    ours = {r["model"]: r for r in record["rows"] if r["method"] == "our awq"}
+    rows = record["rows"]
+    fp = {r["model"]: r for r in rows if r["method"] == "fp"}
     lines = [
-        "| model | method | dtype | decode b1 tok/s | decode b16 tok/s | prefill tok/s | weights MiB |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | method | vocabulary | dtype | decode b1 tok/s | decode b16 tok/s | prefill tok/s "
+        "| weights MiB |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in record["rows"]:
-        base = ours.get(r["model"]) if r["method"] not in ("fp", "our awq") else None
+    for r in rows:
+        base = fp.get(r["model"]) if r["method"] != "fp" else None
         cells = [
             number(r[key] * scale) + (f" ({ratio(r[key] / base[key])})" if base else "")
             for key, scale in columns.items()
         ]
-        lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | " + " | ".join(cells) + " |")
+        vocab = r.get("vocab", "fp16" if r["method"] != "fp" else "fp")
+        lines.append(f"| {r['model']} | {r['method']} | {vocab} | {r['dtype']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    by_name = {(r["model"], r["method"]): r for r in rows}
+    for model in fp:
+        pairs = [
+            ("AWQ-opt / AWQ (same vocabulary)", "our awq-opt", "our awq"),
+            ("default AWQ / AWQ with fp16 vocabulary", "our awq", "our awq, fp16 vocab"),
+        ]
+        for label, top, bottom in pairs:
+            a, b = by_name.get((model, top)), by_name.get((model, bottom))
+            if a and b:
+                shown = ", ".join(f"{name} {ratio(a[k] / b[k])}" for k, name in WORKLOAD_LABELS.items())
+                lines.append(f"- {model}, {label}: {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -201,29 +256,39 @@ def run(args: argparse.Namespace) -> int:
         default_dir = prepare_default_model()
         gemma = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(default_dir)  # the Llama runs without one (token ids only)
-        gemma_paths = write_checkpoints(gemma, tokenizer, Path(tmp) / "gemma", 0)
+        gemma_paths = write_checkpoints(gemma, tokenizer, Path(tmp) / "gemma", 0, tuple(CHECKPOINTS))
         del gemma
         torch.manual_seed(0)
         llama = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_SHAPE), dtype=torch.float32)
-        llama_paths = write_checkpoints(llama, tokenizer, Path(tmp) / "llama", 1)
+        llama_names = ("awq-fp16-vocab", "awq", "awq-opt")
+        llama_paths = write_checkpoints(llama, tokenizer, Path(tmp) / "llama", 1, llama_names)
         del llama
+        # (method, checkpoint, dtype, --quantization, skip the tokenizer)
         plans = {
             "gemma3-270m": [
-                ("fp", gemma_paths["fp"], "float32", None, False),
-                ("our awq", gemma_paths["awq"], "float32", "lape_awq", False),
-                ("our awq-opt", gemma_paths["awq-opt"], "float32", None, False),
+                ("fp", "fp", "float32", None, False),
+                ("our awq, fp16 vocab", "awq-fp16-vocab", "float32", "lape_awq", False),
+                ("our awq, 8-bit vocab", "awq-8bit-vocab", "float32", None, False),
+                ("our awq", "awq", "float32", None, False),
+                ("our awq-opt", "awq-opt", "float32", None, False),
             ],
             "llama-0.4b-random": [
-                ("fp", llama_paths["fp"], "float16", None, True),
-                ("stock vllm awq", llama_paths["awq"], "float16", None, True),
-                ("our awq", llama_paths["awq"], "float16", "lape_awq", True),
-                ("our awq-opt", llama_paths["awq-opt"], "float16", None, True),
+                ("fp", "fp", "float16", None, True),
+                ("stock vllm awq", "awq-fp16-vocab", "float16", None, True),
+                ("our awq, fp16 vocab", "awq-fp16-vocab", "float16", "lape_awq", True),
+                ("our awq", "awq", "float16", None, True),
+                ("our awq-opt", "awq-opt", "float16", None, True),
             ],
         }
+        paths = {"gemma3-270m": gemma_paths, "llama-0.4b-random": llama_paths}
         for model, plan in plans.items():
             print(f"{model}: {len(plan)} engines, {REPEATS} rounds", flush=True)
-            for (method, _, dtype, _, _), result in zip(plan, measure_group(plan), strict=True):
-                rows.append({"model": model, "method": method, "dtype": dtype, **result})
+            engines = [(m, paths[model][c], *rest) for m, c, *rest in plan]
+            for (method, checkpoint, dtype, _, _), result in zip(plan, measure_group(engines), strict=True):
+                vocab = "fp" if checkpoint == "fp" else VOCAB_LABELS[CHECKPOINTS[checkpoint][1]]
+                if checkpoint != "fp" and CHECKPOINTS[checkpoint][2]:
+                    vocab += f" + {DEFAULT_KEPT_ROWS} rows"
+                rows.append({"model": model, "method": method, "vocab": vocab, "dtype": dtype, **result})
                 print(json.dumps(rows[-1]), flush=True)
     record = {
         **result_header("vllm_speed"),
@@ -232,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt_tokens": PROMPT_TOKENS,
             "prefill": [PREFILL_PROMPTS, PREFILL_TOKENS],
             "kept_fraction": KEPT_FRACTION,
+            "kept_vocab_rows": DEFAULT_KEPT_ROWS,
             "repeats": REPEATS,
             "llama_shape": LLAMA_SHAPE,
         },

@@ -64,9 +64,14 @@ def _build(kind: SparseKind, idx: torch.Tensor, values: torch.Tensor, size: int)
         raise ValueError(f"{what}: values must be [{index.numel()}, width], got {list(values.shape)}")
     if values.dtype not in _FLOATS:
         raise ValueError(f"{what}: values must be fp16, bf16 or fp32, got {values.dtype}")
-    slots = torch.full((size,), -1, dtype=torch.int32, device=values.device)
-    slots[index.to(values.device)] = torch.arange(index.numel(), dtype=torch.int32, device=values.device)
-    return SparseCorrection(kind, slots, values.contiguous())
+    return SparseCorrection(kind, slot_map(index.to(values.device), size), values.contiguous())
+
+
+def slot_map(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """int32 [size]: i where channel idx[i] is kept, -1 elsewhere (on idx's device)."""
+    slots = torch.full((size,), -1, dtype=torch.int32, device=idx.device)
+    slots[idx.long()] = torch.arange(idx.numel(), dtype=torch.int32, device=idx.device)
+    return slots
 
 
 def sparse_rows(idx: torch.Tensor, rows: torch.Tensor, out_features: int) -> SparseCorrection:

@@ -1,6 +1,7 @@
-"""Asymmetric 4-bit group quantization of nn.Linear weights ([out, in], groups along `in`), with kept
-(FP16) rows or columns that the quantizer must reproduce exactly and leave out of group statistics; and
-`QuantizedLinear`, the in-memory form of one quantized linear that the quantizer hands the checkpoint."""
+"""Asymmetric group quantization of weights ([out, in], groups along `in`; 4 bits for the decoder linears,
+4 or 8 for the vocabulary), with kept (FP16) rows or columns that the quantizer must reproduce exactly and
+leave out of group statistics; and the in-memory forms the quantizer hands the checkpoint: `QuantizedLinear`
+for one decoder linear, `QuantizedVocab` for the embedding / LM head."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_CODE = 15
+BITS = 4  # the decoder linears' codes (AutoAWQ gemm)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,18 @@ class GroupQuant:
 
 
 @dataclass
+class QuantizedVocab:
+    """The quantized vocabulary matrix [V, H] (the tied embedding / LM head, or one of them when untied):
+    `bits`-bit codes in groups along H, and the kept rows' FP16 residuals [k, H] (dense + residual == the
+    float rows) with their sorted token ids."""
+
+    quant: GroupQuant
+    bits: int
+    sparse_idx: torch.Tensor | None = None
+    sparse: torch.Tensor | None = None
+
+
+@dataclass
 class QuantizedLinear:
     """One linear's 4-bit form. `sparse` is [k, in] (kept rows: gate/up) or [k, out] (kept columns: down),
     the FP16 residual that makes the kept neurons' weights exact; `sparse_idx` their sorted indices."""
@@ -37,10 +50,12 @@ class QuantizedLinear:
     sparse: torch.Tensor | None = None
 
 
-def quantize_groups(w: torch.Tensor, group_size: int, skip_cols: torch.Tensor | None = None) -> GroupQuant:
-    """AWQ's min/max quantizer. Columns in `skip_cols` (bool [in]) do not enter their group's min/max
-    (their codes are whatever the clamp gives; the sparse FP16 part corrects them). Scales are rounded
-    to fp16 before the codes are computed, so the checkpoint dequantizes to exactly this."""
+def quantize_groups(
+    w: torch.Tensor, group_size: int, skip_cols: torch.Tensor | None = None, bits: int = BITS
+) -> GroupQuant:
+    """AWQ's min/max quantizer with codes 0 .. 2**bits - 1. Columns in `skip_cols` (bool [in]) do not enter
+    their group's min/max (their codes are whatever the clamp gives; the sparse FP16 part corrects them).
+    Scales are rounded to fp16 before the codes are computed: the checkpoint dequantizes to exactly this."""
     out_features, in_features = w.shape
     if in_features % group_size:
         raise ValueError(f"in_features {in_features} is not a multiple of group size {group_size}")
@@ -55,9 +70,10 @@ def quantize_groups(w: torch.Tensor, group_size: int, skip_cols: torch.Tensor | 
         empty = torch.isinf(wmax)  # a group whose every column is kept
         wmax, wmin = wmax.masked_fill(empty, 0.0), wmin.masked_fill(empty, 0.0)
     wmax, wmin = wmax.clamp_min(0.0), wmin.clamp_max(0.0)  # zero stays representable
-    scales = ((wmax - wmin).clamp_min(1e-5) / MAX_CODE).half().float()
-    zeros = (-torch.round(wmin / scales)).clamp(0, MAX_CODE)
-    codes = (torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, MAX_CODE)
+    max_code = 2**bits - 1
+    scales = ((wmax - wmin).clamp_min(1e-5) / max_code).half().float()
+    zeros = (-torch.round(wmin / scales)).clamp(0, max_code)
+    codes = (torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, max_code)
     return GroupQuant(codes.reshape(w.shape).int(), zeros.int(), scales, group_size)
 
 

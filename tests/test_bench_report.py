@@ -15,6 +15,8 @@ from lape_awq.bench.commands import BENCHMARKS
 from lape_awq.bench.process_memory import PeakMemorySampler
 from lape_awq.bench.report import (
     BEGIN,
+    DEFAULT_AWQ,
+    DEFAULT_AWQ_OPT,
     END,
     RESULTS,
     find_sources,
@@ -233,9 +235,34 @@ def write_results(root: Path) -> Path:
     (quality / "koen_random_eval.json").write_text(
         json.dumps(_eval({"fp": (20.0, 16.0, 0.0, 1.0), "awq-opt-random-mix8": (29.5, 20.0, 0.39, 0.61)}))
     )
+    # An older run on the same texts: its `fp` is scored again above (the newer one is shown), its
+    # `awq-fp16-vocab` only here.
     old = root / "quality_2026-01-01"
     old.mkdir()
-    (old / "eval.json").write_text(json.dumps(_eval({"fp": (1.0, 1.0, 0.0, 1.0)})))
+    (old / "eval.json").write_text(
+        json.dumps(_eval({"fp": (20.0, 16.0, 0.0, 1.0), "awq-fp16-vocab": (29.0, 19.0, 0.35, 0.65)}))
+    )
+    vocab_variants = [
+        {"name": "4-bit", "kept_rows": 0, "vocab_bytes": 80 * MiB, "rule": None},
+        {"name": "4-bit + 2,048 ko rows", "kept_rows": 2048, "vocab_bytes": 83 * MiB, "rule": "text+script"},
+    ]
+    vocab = {
+        "benchmark": "vocab_quality",
+        "date": "2026-11-21T00:00:00+00:00",
+        "commit": "0a1b2c3",
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0+cpu"},
+        "float_bytes": 320 * MiB,
+        "variants": vocab_variants,
+        "main": _eval(
+            {
+                "fp": (20.0, 16.0, 0.0, 1.0),
+                "4-bit": (30.0, 18.0, 0.4, 0.6),
+                "4-bit + 2,048 ko rows": (21.0, 17.0, 0.05, 0.9),
+            }
+        ),
+        "other": _eval({"fp": (10.0, 10.0, 0.0, 1.0), "4-bit": (12.0, 11.0, 0.2, 0.8)}, max_tokens=512),
+    }
+    (root / "vocab_quality_2026-11-21.json").write_text(json.dumps(vocab))
     (quality / "judge.json").write_text(
         json.dumps(
             {
@@ -299,7 +326,8 @@ SEED_TABLE = """\
 
 def test_seed_table_from_fixed_result_files(tmp_path: Path) -> None:
     sources = find_sources(write_results(tmp_path))
-    assert [p.name for p in sources.evals] == ["koen_eval.json", "koen_random_eval.json"]
+    # Every quality folder, newest first: the older run's `fp` does not replace the newer one's.
+    assert [p.name for p in sources.evals] == ["koen_eval.json", "koen_random_eval.json", "eval.json"]
     assert sources.speed.name == "vllm_speed_2026-11-20.json" and sources.kernels is None
     assert seed_table(sources, "awq-mix8", "awq-opt-mix8") == SEED_TABLE
 
@@ -335,7 +363,8 @@ def test_report_command_writes_the_table_and_fills_the_readme(tmp_path: Path, ca
     results = write_results(tmp_path / "results")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n\n{BEGIN}\nold, hand-typed\n{END}\n\nafter\n")
-    assert main(["bench", "report", "--results", str(results), "--readme", str(readme)]) == 0
+    names = ["--awq", "awq-mix8", "--awq-opt", "awq-opt-mix8"]
+    assert main(["bench", "report", "--results", str(results), "--readme", str(readme), *names]) == 0
     report = next(results.glob("report_*.md")).read_text()
     assert SEED_TABLE in report
     text = readme.read_text()
@@ -348,6 +377,10 @@ def test_report_command_writes_the_table_and_fills_the_readme(tmp_path: Path, ca
         "| 25.0% (vs awq-mix8) |" in text
     )
     assert "| awq-opt-random-mix8 | 29.50 (+47.5%) |" in text and "5.0% (vs awq-mix8)" in text
+    assert "| awq-fp16-vocab | 29.00 (+45.0%) | 19.00 (+18.8%) |" in text  # from the older folder
+    # The vocabulary alone: bytes, change vs float, and the kept rows' share of the 4-bit Korean loss.
+    assert "| 4-bit + 2,048 ko rows | 2,048 | 83.0 | +5.0% | +6.2% | 90.0% |" in text
+    assert "| float |  | 320.0 | 20.00 | 16.00 |" in text
     assert "Test CPU, 2 cores, torch 2.13.0+cpu, vllm 0.32.0; 2026-11-20, commit abc1234" in text
     assert "[`results/serve_matrix_2026-11-20.json`](results/serve_matrix_2026-11-20.json)" in text
     assert "![serving matrix](results/serve_matrix_2026-11-20.png)" in text
@@ -356,7 +389,7 @@ def test_report_command_writes_the_table_and_fills_the_readme(tmp_path: Path, ca
     # no markers: one clear error line, the file untouched
     readme.write_text("no markers\n")
     capsys.readouterr()
-    assert main(["bench", "report", "--results", str(results), "--readme", str(readme)]) == 2
+    assert main(["bench", "report", "--results", str(results), "--readme", str(readme), *names]) == 2
     assert "results:begin" in capsys.readouterr().err
     assert readme.read_text() == "no markers\n"
     with pytest.raises(UserError):
@@ -367,7 +400,7 @@ def test_readme_results_are_the_committed_results() -> None:
     """The README's Results section is what `lape-awq bench report --readme` makes of bench/results."""
     readme = (REPO / "README.md").read_text()
     start, end = readme.index(BEGIN) + len(BEGIN) + 1, readme.index(END)
-    generated = results_section(find_sources(RESULTS), REPO, "awq-mix8", "awq-opt-mix8")
+    generated = results_section(find_sources(RESULTS), REPO, DEFAULT_AWQ, DEFAULT_AWQ_OPT)
     assert readme[start:end] == generated, (
         "README Results are stale: run `lape-awq bench report --readme README.md`"
     )

@@ -178,12 +178,15 @@ def test_quantize_refuses_to_overwrite_unless_asked(tiny_model_dir, tmp_path: Pa
         "rtn",
         "--group-size",
         "32",
+        "--vocab-group-size",
+        "32",
         "--out",
         str(out),
         "--quiet",
     ]
     code, stdout, _ = run_cli(capsys, *args)
     assert code == 0 and f"checkpoint: {out}" in stdout and "method rtn" in stdout
+    assert "vocabulary: 4-bit, group 32; 0 FP16 rows for no language" in stdout  # the default: 4 bits
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     code, _, stderr = run_cli(capsys, *args)
     assert code == 2 and "already exists" in stderr and "--overwrite" in stderr
@@ -191,6 +194,56 @@ def test_quantize_refuses_to_overwrite_unless_asked(tiny_model_dir, tmp_path: Pa
     code, _, _ = run_cli(capsys, *args, "--overwrite")
     assert code == 0 and (out / "model.safetensors").stat().st_mtime_ns != stamp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_quantize_vocabulary_options(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir("llama")
+    out = tmp_path / "v8"
+    code, stdout, _ = run_cli(
+        capsys,
+        *("quantize", "--model", str(model), "--method", "rtn", "--group-size", "32", "--out", str(out)),
+        *(
+            "--vocab-bits",
+            "8",
+            "--vocab-group-size",
+            "64",
+            "--keep-vocab-lang",
+            "ko,en",
+            "--max-vocab-rows",
+            "100",
+        ),
+        "--quiet",
+    )
+    assert code == 0, stdout
+    assert "vocabulary: 8-bit, group 64; 100 FP16 rows for ko,en" in stdout
+    vocab = json.loads((out / "config.json").read_text())["quantization_config"]["vocab"]
+    assert vocab["bits"] == 8 and vocab["group_size"] == 64 and vocab["kept_rows"] == 100
+    assert vocab["languages"] == ["ko", "en"]
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.embed_tokens.qweight"].shape[1] == 64 and "model.embed_tokens.weight" not in tensors
+    # --vocab-bits 16 is the FP16 vocabulary of plain AWQ checkpoints (stock loaders read them).
+    code, stdout, _ = run_cli(
+        capsys,
+        "quantize",
+        "--model",
+        str(model),
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--vocab-bits",
+        "16",
+        "--out",
+        str(tmp_path / "v16"),
+        "--quiet",
+    )
+    config = json.loads((tmp_path / "v16" / "config.json").read_text())
+    assert code == 0 and config["quantization_config"]["quant_method"] == "awq"
+    assert "vocab" not in config["quantization_config"] and "vocabulary:" not in stdout
 
 
 def test_quantize_mistakes(tiny_model_dir, tmp_path: Path, capsys) -> None:
@@ -201,3 +254,13 @@ def test_quantize_mistakes(tiny_model_dir, tmp_path: Path, capsys) -> None:
         capsys, "quantize", "--model", str(model), "--method", "awq-opt", "--neurons", str(tmp_path / "none")
     )
     assert code == 2 and "neurons file not found" in stderr
+    base = ["quantize", "--model", str(model), "--method", "rtn", "--out", str(tmp_path / "x")]
+    code, _, stderr = run_cli(capsys, *base, "--vocab-bits", "16", "--keep-vocab-lang", "ko")
+    assert code == 2 and "need --vocab-bits 8 or 4" in stderr
+    code, _, stderr = run_cli(capsys, *base, "--group-size", "32")  # vocabulary groups of 128 in 64 channels
+    assert code == 2 and "not a multiple of --vocab-group-size 128" in stderr
+    code, _, stderr = run_cli(
+        capsys, *base, "--vocab-group-size", "32", "--max-vocab-rows", "-1", "--keep-vocab-lang", "ko"
+    )
+    assert code == 2 and "--max-vocab-rows must be >= 0" in stderr
+    assert not (tmp_path / "x").exists()

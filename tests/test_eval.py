@@ -25,6 +25,7 @@ from lape_awq.quant.evaluation.checkpoints import load_checkpoints
 from lape_awq.quant.evaluation.report import load_json, markdown, write_reports
 from lape_awq.quant.evaluation.scoring import FP_NAME, evaluate
 from lape_awq.quant.text_sources import LanguageText, builtin_text
+from lape_awq.quant.vocab.quantizer import VocabSpec
 
 CALIB = CalibrationSpec(("en",), 4, 64)
 
@@ -51,7 +52,8 @@ class Tiny:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Tiny:
-    """A sharpened tiny Llama and its RTN and AWQ checkpoints (group size 32), made once per module."""
+    """A sharpened tiny Llama and its RTN and AWQ checkpoints (group size 32), made once per module; the RTN
+    one with a 4-bit vocabulary and 100 kept Korean rows, so eval runs a quantized vocabulary too."""
     root = tmp_path_factory.mktemp("eval")
     fp = build_tiny_model("llama", len(tokenizer))
     sharpen(fp)
@@ -61,9 +63,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Tiny:
     dirs = {}
     for method in ("rtn", "awq"):
         dirs[method] = root / method
-        quantize_checkpoint(
-            model_dir, dirs[method], QuantSpec(method=method, group_size=32), CALIB, None, False
-        )
+        vocab = VocabSpec(4, 32, ("ko",), 100) if method == "rtn" else None
+        spec = QuantSpec(method=method, group_size=32)
+        quantize_checkpoint(model_dir, dirs[method], spec, CALIB, None, False, vocab=vocab)
     return Tiny(
         model_dir,
         dirs["rtn"],

@@ -15,6 +15,7 @@ LAYERS = [
     "kernels",
     "quant",
     "quant.lape",
+    "quant.vocab",
     "quant.checkpoint",
     "quant.awq",
     "quant.evaluation",

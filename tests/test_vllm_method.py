@@ -3,7 +3,9 @@
 Engines run in subprocesses (tests/vllm_runner.py) that never import lape_awq, so every engine test also
 checks that vLLM finds the method through the plugin entry point. Tiny random Llama / Qwen2 / Gemma 3
 with vLLM-compatible head size; their kept neurons get large random FP16 residuals so that a lost,
-misplaced or mis-sharded sparse term moves the logprobs far beyond the tolerance.
+misplaced or mis-sharded sparse term moves the logprobs far beyond the tolerance. Gemma 3 and Qwen2 (tied)
+and an untied Llama also carry a quantized vocabulary whose kept rows (the prompts' tokens among them) get
+the same treatment.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_checkpoint import CORRUPTIONS, write
+from test_checkpoint import CORRUPTIONS, VOCAB_CORRUPTIONS, quantized_vocab, write
 
 from conftest import ARCHITECTURES, VLLM_ATTENTION, build_tiny_model
 from lape_awq.kernels.awq_packing import dequantize, pack_int4
+from lape_awq.kernels.vocab_codes import dense_vocab
 from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
 from lape_awq.quant.checkpoint.layout import MANIFEST, WEIGHTS
@@ -68,29 +71,54 @@ def boost_residuals(path: Path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("vllm-ckpts")
-    calib = calibration_batch(tokenizer, CalibrationSpec(("ko", "en"), 4, 64))
-    made = {}
-    for arch in ARCHITECTURES:
-        model = build_tiny_model(arch, len(tokenizer), **VLLM_ATTENTION)
-        with torch.no_grad():  # sharper next-token distributions than a fresh init's near-uniform ones
-            model.get_input_embeddings().weight.mul_(8)
-        for kept in (KEPT, None) if arch == "llama" else (KEPT,):
-            quantized = quantize_model(
-                model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False
-            )
-            name = f"{arch}-{'opt' if kept else 'awq'}"
-            write(root / name, model, tokenizer, quantized, kept)
-            if kept:
-                boost_residuals(root / name, seed=len(made))
-            made[name] = root / name
-    return made
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer(text).input_ids for text in PROMPT_TEXTS]
+
+
+# Checkpoint -> (architecture, kept neurons, vocabulary bits or None for FP16, tied vocabulary).
+CHECKPOINTS = {
+    "llama-opt": ("llama", KEPT, None, True),
+    "llama-awq": ("llama", None, None, True),
+    "qwen2-opt": ("qwen2", KEPT, 8, True),
+    "gemma3-opt": ("gemma3", KEPT, 4, True),
+    "llama-untied-v4": ("llama", None, 4, False),
+}
+VOCAB_ROWS = ("model.embed_tokens.sparse_rows", "lm_head.sparse_rows")
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[list[int]]:
-    return [tokenizer(text).input_ids for text in PROMPT_TEXTS]
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer, prompts) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-ckpts")
+    calib = calibration_batch(tokenizer, CalibrationSpec(("ko", "en"), 4, 64))
+    # Kept vocabulary rows: the prompts' tokens (their embeddings reach every later position), the first and
+    # the last token.
+    kept_rows = torch.tensor(sorted({0, len(tokenizer) - 1, *(t for p in prompts for t in p)}))
+    made = {}
+    for name, (arch, kept, bits, tied) in CHECKPOINTS.items():
+        model = build_tiny_model(arch, len(tokenizer), **VLLM_ATTENTION, tie_word_embeddings=tied)
+        with torch.no_grad():  # sharper next-token distributions than a fresh init's near-uniform ones
+            model.get_input_embeddings().weight.mul_(8)
+        vocab = None if bits is None else quantized_vocab(model, bits, kept_rows)
+        quantized = quantize_model(model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False)
+        write(root / name, model, tokenizer, quantized, kept, vocab=vocab)
+        if kept or vocab:
+            boost_residuals(root / name, seed=len(made))
+        made[name] = root / name
+    return made
+
+
+def without_kept_vocabulary_rows(path: Path, out: Path) -> Path:
+    """A copy of the checkpoint whose kept vocabulary rows have zero residuals (and a fresh hash)."""
+    shutil.copytree(path, out)
+    tensors = load_file(out / WEIGHTS)
+    for name in VOCAB_ROWS:
+        if name in tensors:
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, out / WEIGHTS)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"][WEIGHTS] = sha256_file(out / WEIGHTS)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
 
 
 def reference(path: Path, prompts: list[list[int]], max_tokens: int, drop_sparse: bool = False) -> list[dict]:
@@ -171,6 +199,30 @@ def test_cpu_dense_fallback_equals_the_torch_reference(kind: str | None) -> None
     assert torch.equal(got, ref.dense_weight(torch.float32).T)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_vocabulary_forms_match_float64(bits: int) -> None:
+    """The CUDA path's math (the Triton W4 kernel in its interpreter for 4 bits, a dequantized fp16 weight
+    for 8) on CPU tensors: logits against float64, looked-up rows exact."""
+    from lape_awq.kernels.vocab_codes import pack_codes
+    from lape_awq.vllm_method.vocab_method import CudaVocab
+
+    gen = torch.Generator().manual_seed(bits)
+    rows, hidden, g = 96, 64, 32
+    qweight = pack_codes(torch.randint(0, 2**bits, (rows, hidden), generator=gen), bits)
+    qzeros = torch.randint(0, 2**bits, (rows, hidden // g), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(rows, hidden // g, generator=gen) / 20).half()
+    idx, kept = torch.tensor([0, 40, 95]), torch.randn(3, hidden, generator=gen).half()
+    vocab = CudaVocab.build(qweight, qzeros, scales, bits, g, idx, kept)
+    dense = dense_vocab(qweight, qzeros, scales.double(), bits, idx, kept)
+    x = torch.randn(5, hidden, generator=gen)
+    ref = x.double() @ dense.T
+    tolerance = 1e-4 if bits == 4 else 2e-3  # fp32 activations in the W4 kernel; fp16 for the 8-bit weight
+    assert (vocab.logits(x).double() - ref).abs().max() <= tolerance * ref.abs().max()
+    ids = torch.tensor([[0, 1, 40], [95, 7, 40]])
+    exact = dense_vocab(qweight, qzeros, scales.float(), bits, idx, kept)
+    assert torch.equal(vocab.embedding(ids), exact[ids])
+
+
 def test_tensor_parallel_ownership_reassembles_the_full_term() -> None:
     from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
 
@@ -202,16 +254,26 @@ def test_tensor_parallel_ownership_reassembles_the_full_term() -> None:
 def engine_results(checkpoints: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
     jobs = {
         **{f"{arch}-opt": {"model": str(checkpoints[f"{arch}-opt"])} for arch in ARCHITECTURES},
+        # vLLM's compiled graph (as served): the quantized embedding's op traced by torch.compile.
+        "gemma3-opt": {"model": str(checkpoints["gemma3-opt"]), "enforce_eager": False},
         "llama-awq-as-lape": {"model": str(checkpoints["llama-awq"]), "quantization": "lape_awq"},
         "llama-opt-fp16": {"model": str(checkpoints["llama-opt"]), "dtype": "float16"},
+        "llama-untied-v4": {"model": str(checkpoints["llama-untied-v4"])},
+        "qwen2-opt-fp16": {"model": str(checkpoints["qwen2-opt"]), "dtype": "float16"},
     }
     results = run_engines([{**job, "prompts": prompts, "max_tokens": 6} for job in jobs.values()])
     return dict(zip(jobs, results, strict=True))
 
 
-@pytest.mark.parametrize(
-    "name", [f"{arch}-opt" for arch in ARCHITECTURES] + ["llama-awq-as-lape", "llama-opt-fp16"]
-)
+ENGINE_JOBS = [f"{arch}-opt" for arch in ARCHITECTURES] + [
+    "llama-awq-as-lape",
+    "llama-opt-fp16",
+    "llama-untied-v4",
+    "qwen2-opt-fp16",
+]
+
+
+@pytest.mark.parametrize("name", ENGINE_JOBS)
 def test_engine_matches_the_torch_reference(name: str, engine_results, checkpoints, prompts) -> None:
     result = engine_results[name]
     assert "error" not in result, result.get("error")
@@ -228,6 +290,41 @@ def test_engine_matches_the_torch_reference(name: str, engine_results, checkpoin
             max(max_logprob_gap(w, wo) for w, wo in zip(expected, without, strict=True))
             > 5 * LOGPROB_TOLERANCE
         )
+
+
+@pytest.mark.parametrize("name", ["gemma3-opt", "qwen2-opt", "llama-untied-v4"])
+def test_engine_applies_the_kept_vocabulary_rows(
+    name: str, engine_results, checkpoints, prompts, tmp_path
+) -> None:
+    """The engine matches the reference with the kept rows (above); without them the reference moves far
+    beyond the tolerance, so a lost, misplaced or mis-sharded kept row would have failed that test."""
+    bare = reference(without_kept_vocabulary_rows(checkpoints[name], tmp_path / "bare"), prompts, 6)
+    gaps = [
+        max_logprob_gap(got, want) for got, want in zip(engine_results[name]["outputs"], bare, strict=True)
+    ]
+    assert max(gaps) > 5 * LOGPROB_TOLERANCE
+
+
+def test_gemma2_through_our_class(tokenizer, prompts, tmp_path: Path) -> None:
+    """vLLM's Gemma 2 builds its embedding without the quantization config; the plugin registers our class
+    for it. With a quantized vocabulary it loads and matches the reference; without one (a float model) it
+    is vLLM's own, token for token and logprob for logprob (against vLLM with no plugin loaded)."""
+    model = build_tiny_model("gemma2", len(tokenizer), **VLLM_ATTENTION)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8)
+    model.save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    quantized = quantize_model(model, None, QuantSpec("rtn", group_size=32), progress=False)
+    kept_rows = torch.tensor(sorted({0, *prompts[0]}))
+    write(tmp_path / "v4", model, tokenizer, quantized, None, vocab=quantized_vocab(model, 4, kept_rows))
+    boost_residuals(tmp_path / "v4", seed=9)
+    jobs = [{"model": str(tmp_path / name), "prompts": prompts, "max_tokens": 6} for name in ("v4", "float")]
+    quantized_run, ours = run_engines(jobs)
+    (stock,) = run_engines(jobs[1:], env={"VLLM_PLUGINS": ""})
+    assert "error" not in quantized_run, quantized_run.get("error")
+    for got, want in zip(quantized_run["outputs"], reference(tmp_path / "v4", prompts, 6), strict=True):
+        assert got["tokens"] == want["tokens"] and max_logprob_gap(got, want) <= LOGPROB_TOLERANCE
+    assert ours["outputs"] == stock["outputs"]
 
 
 def test_plain_awq_without_the_flag_stays_with_stock_vllm(checkpoints, prompts) -> None:
@@ -265,6 +362,12 @@ def test_bad_checkpoints_are_refused_with_the_validators_message(checkpoints, tm
             continue
         bad = tmp_path / case.replace(" ", "-")
         shutil.copytree(checkpoints["llama-opt"], bad)
+        corrupt(bad)
+        jobs.append({"model": str(bad), "prompts": [[2, 651]], "max_tokens": 1})
+        messages.append(message)
+    for case, (corrupt, message) in VOCAB_CORRUPTIONS.items():
+        bad = tmp_path / case.replace(" ", "-")
+        shutil.copytree(checkpoints["llama-untied-v4"], bad)
         corrupt(bad)
         jobs.append({"model": str(bad), "prompts": [[2, 651]], "max_tokens": 1})
         messages.append(message)

@@ -1,4 +1,6 @@
-"""`lape_awq` as a vLLM QuantizationConfig: what config.json says, validated before any engine starts."""
+"""`lape_awq` as a vLLM QuantizationConfig: what config.json says, validated before any engine starts. It
+hands the decoder linears to LapeAwqLinearMethod and, when the vocabulary is quantized, the embedding and
+LM head to LapeAwqVocabMethod."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 METHOD = "lape_awq"
 GROUP_SIZES = (32, 64, 128)
@@ -24,17 +27,26 @@ class CheckpointError(ValueError):
 
 @register_quantization_config(METHOD)
 class LapeAwqConfig(QuantizationConfig):
-    """W4 AutoAWQ-gemm tensors plus, per MLP, the kept neurons' FP16 residuals (docs/checkpoint-format.md)."""
+    """W4 AutoAWQ-gemm tensors plus, per MLP, the kept neurons' FP16 residuals, and optionally a 4/8-bit
+    vocabulary with kept FP16 rows (docs/checkpoint-format.md)."""
 
-    def __init__(self, group_size: int, sparse: dict[str, Any] | None, modules_to_not_convert: list[str]):
+    def __init__(
+        self,
+        group_size: int,
+        sparse: dict[str, Any] | None,
+        modules_to_not_convert: list[str],
+        vocab: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.group_size = group_size
         self.sparse = sparse or {}
         self.modules_to_not_convert = modules_to_not_convert
+        self.vocab = vocab or {}
 
     def __repr__(self) -> str:
         kept = sum(self.sparse.get("neurons_per_layer", []))
-        return f"LapeAwqConfig(group_size={self.group_size}, kept_neurons={kept})"
+        vocab = f", vocab_bits={self.vocab['bits']}" if self.vocab else ""
+        return f"LapeAwqConfig(group_size={self.group_size}, kept_neurons={kept}{vocab})"
 
     def get_name(self) -> str:
         return METHOD
@@ -63,7 +75,10 @@ class LapeAwqConfig(QuantizationConfig):
             raise CheckpointError(
                 "lape_awq refuses checkpoint: it runs AutoAWQ 'gemm' tensors with zero points"
             )
-        return cls(group, config.get("sparse"), list(config.get("modules_to_not_convert") or []))
+        vocab = config.get("vocab")
+        if vocab is not None and (not isinstance(vocab, dict) or vocab.get("bits") not in (4, 8)):
+            raise CheckpointError("lape_awq refuses checkpoint: vocab.bits must be 4 or 8")
+        return cls(group, config.get("sparse"), list(config.get("modules_to_not_convert") or []), vocab)
 
     @classmethod
     def override_quantization_method(
@@ -78,7 +93,7 @@ class LapeAwqConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         """Refuse a bad lape_awq checkpoint here, in the frontend, before any worker starts."""
         path = Path(model_name)
-        if not self.sparse or not (path / "config.json").is_file():
+        if not (self.sparse or self.vocab) or not (path / "config.json").is_file():
             return  # plain AWQ (stock layout, vLLM checks the shapes) or not a local directory
         from lape_awq.quant.checkpoint.reader import read_checkpoint
         from lape_awq.quant.errors import UserError
@@ -103,6 +118,12 @@ class LapeAwqConfig(QuantizationConfig):
         return counts if any(counts) else None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, VocabParallelEmbedding):  # the embedding, and ParallelLMHead (a subclass)
+            if not self.vocab:
+                return None  # vLLM's unquantized embedding, as for stock AWQ
+            from lape_awq.vllm_method.vocab_method import LapeAwqVocabMethod
+
+            return LapeAwqVocabMethod(self, prefix)
         if not isinstance(layer, LinearBase):
             return None
         if any(module in prefix for module in self.modules_to_not_convert):

@@ -24,7 +24,7 @@ from lape_awq.kernels.sparse_correction import check_sparse_indices
 from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
 from lape_awq.vllm_method.cpu_sparse import cpu_w4_sparse_linear
 from lape_awq.vllm_method.cpu_w4 import cpu_w4_matmul
-from lape_awq.vllm_method.sparse_shards import local_gate_up_rows, owned
+from lape_awq.vllm_method.sparse_shards import load_whole, local_gate_up_rows, owned
 
 PACK = 8
 log = logging.getLogger(__name__)
@@ -36,15 +36,6 @@ def _warn_dense_fallback() -> None:
         "lape_awq: this vLLM CPU build has no W4A16 GEMM (cpu_gemm_wna16 ships in its AVX-512 library "
         "only); W4 weights run dequantized to fp32: same outputs, not W4's speed or memory"
     )
-
-
-def _load_whole(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-    target = param.data if shard_id is None else param.data[shard_id]
-    if target.shape != loaded.shape:
-        raise CheckpointError(
-            f"sparse tensor of shape {tuple(loaded.shape)} where {tuple(target.shape)} was expected"
-        )
-    target.copy_(loaded)
 
 
 @register_weight_loader_v2_supported_method
@@ -110,7 +101,7 @@ class LapeAwqLinearMethod(LinearMethodBase):
             values = torch.zeros(k, output_size, dtype=torch.float16)
         for name, tensor in (("sparse_idx", idx), (f"sparse_{layer.lape_kind}", values)):
             param = torch.nn.Parameter(tensor, requires_grad=False)
-            set_weight_attrs(param, {"weight_loader": _load_whole})
+            set_weight_attrs(param, {"weight_loader": load_whole})
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

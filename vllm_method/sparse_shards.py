@@ -1,4 +1,4 @@
-"""Which kept neurons a tensor-parallel rank owns, in its local numbering.
+"""Which kept neurons (and kept vocabulary rows) a tensor-parallel rank owns, in its local numbering.
 
 Neuron j of an MLP lives on the rank that owns intermediate index j, for gate, up and down alike: vLLM
 splits gate_up_proj's outputs and down_proj's inputs into equal contiguous blocks per rank.
@@ -8,14 +8,30 @@ from __future__ import annotations
 
 import torch
 
+from lape_awq.vllm_method.config import CheckpointError
+
+
+def load_whole(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+    """vLLM weight loader for a kept-channel tensor: every rank loads it whole (shard_id: gate_up's half)."""
+    target = param.data if shard_id is None else param.data[shard_id]
+    if target.shape != loaded.shape:
+        raise CheckpointError(
+            f"sparse tensor of shape {tuple(loaded.shape)} where {tuple(target.shape)} was expected"
+        )
+    target.copy_(loaded)
+
+
+def in_range(idx: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of `idx` (global, sorted) in [lo, hi), renumbered from 0, with their value rows."""
+    mine = (idx >= lo) & (idx < hi)
+    return idx[mine].long() - lo, values[mine]
+
 
 def owned(
     idx: torch.Tensor, values: torch.Tensor, shard_size: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The entries of `idx` (global, sorted) in rank's block, renumbered from 0, with their value rows."""
-    lo = rank * shard_size
-    mine = (idx >= lo) & (idx < lo + shard_size)
-    return idx[mine].long() - lo, values[mine]
+    return in_range(idx, values, rank * shard_size, (rank + 1) * shard_size)
 
 
 def local_gate_up_rows(

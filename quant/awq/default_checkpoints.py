@@ -31,6 +31,7 @@ def ensure_default_checkpoint(method: str, progress: bool = True) -> Path:
     from lape_awq.quant.calibration import CalibrationSpec
     from lape_awq.quant.checkpoint.reader import read_checkpoint
     from lape_awq.quant.default_model import prepare_default_model
+    from lape_awq.quant.vocab.quantizer import default_vocab
 
     if method not in DEFAULT_METHODS:
         raise ValueError(f"method must be one of {DEFAULT_METHODS}, got {method!r}")
@@ -40,5 +41,6 @@ def ensure_default_checkpoint(method: str, progress: bool = True) -> Path:
         read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine
         return out
     keep = KeepSpec(ensure_neurons_file(model_dir, progress)) if method == "awq-opt" else None
-    quantize_checkpoint(model_dir, out, QuantSpec("awq"), CalibrationSpec(), keep, progress)
+    vocab = default_vocab(keep.langs if keep is not None else ())
+    quantize_checkpoint(model_dir, out, QuantSpec("awq"), CalibrationSpec(), keep, progress, vocab=vocab)
     return out

@@ -2,7 +2,8 @@
 checkpoint of a given config must hold (docs/checkpoint-format.md).
 
 Plain AWQ is AutoAWQ's "gemm" layout (`quant_method: awq`); AWQ-opt adds sparse tensors to the MLP
-linears (`quant_method: lape_awq`).
+linears, and a quantized vocabulary replaces the embedding / LM head by codes (both `quant_method:
+lape_awq`, which stock AWQ loaders cannot read).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lape_awq.kernels.vocab_codes import VOCAB_BITS, packed_width
 from lape_awq.quant.architectures import Architecture, architecture_of, decoder_layers
 from lape_awq.quant.errors import UserError
 
@@ -20,12 +22,17 @@ MANIFEST = "lape_awq_manifest.json"
 QUANT_METHODS = ("awq", "lape_awq")
 SPARSE_DTYPE = torch.float16
 GROUP_SIZES = (32, 64, 128)
+EMBEDDING = "model.embed_tokens"
+LM_HEAD = "lm_head"
 
 
-def quantization_config(group_size: int, sparse: dict[str, Any] | None) -> dict[str, Any]:
-    """AutoAWQ's keys, so stock loaders read plain AWQ; `lape_awq` + a `sparse` section for AWQ-opt."""
+def quantization_config(
+    group_size: int, sparse: dict[str, Any] | None, vocab: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """AutoAWQ's keys, so stock loaders read plain AWQ; `lape_awq` + a `sparse` section for AWQ-opt and a
+    `vocab` section for a quantized vocabulary."""
     config: dict[str, Any] = {
-        "quant_method": "lape_awq" if sparse else "awq",
+        "quant_method": "lape_awq" if sparse or vocab else "awq",
         "bits": 4,
         "group_size": group_size,
         "zero_point": True,
@@ -34,7 +41,37 @@ def quantization_config(group_size: int, sparse: dict[str, Any] | None) -> dict[
     }
     if sparse:
         config["sparse"] = sparse
+    if vocab:
+        config["vocab"] = vocab
     return config
+
+
+def vocab_modules(hf_config: Any) -> tuple[str, ...]:
+    """The vocabulary matrices a quantized vocabulary replaces: the embedding, and the LM head when untied."""
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return (EMBEDDING,) if tied else (EMBEDDING, LM_HEAD)
+
+
+def vocab_layout(
+    module: str, vocab: dict[str, Any], vocab_size: int, hidden: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors of one quantized vocabulary matrix (kernels/vocab_codes.py), kept rows included."""
+    bits, g, kept = vocab.get("bits"), vocab.get("group_size"), vocab.get("kept_rows", 0)
+    if bits not in VOCAB_BITS:
+        raise UserError(f"vocab.bits must be 4 or 8, got {bits!r}")
+    if g not in GROUP_SIZES or hidden % g:
+        raise UserError(f"vocab.group_size {g!r} does not divide the hidden size {hidden} (32, 64 or 128)")
+    if not isinstance(kept, int) or not 0 <= kept <= vocab_size:
+        raise UserError(f"vocab.kept_rows must be an integer in [0, {vocab_size}], got {kept!r}")
+    layout = {
+        f"{module}.qweight": ((vocab_size, packed_width(hidden, bits)), torch.uint8),
+        f"{module}.qzeros": ((vocab_size, hidden // g), torch.uint8),
+        f"{module}.scales": ((vocab_size, hidden // g), torch.float16),
+    }
+    if kept:
+        layout[f"{module}.sparse_idx"] = ((kept,), torch.int32)
+        layout[f"{module}.sparse_rows"] = ((kept, hidden), SPARSE_DTYPE)
+    return layout
 
 
 def config_for_model(config_dict: dict[str, Any]) -> Any:
@@ -61,10 +98,17 @@ def expected_layout(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], 
     linears = quantized_linears(skeleton)
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    vocab = qc.get("vocab")
+    replaced = set(linears) | (set(vocab_modules(hf_config)) if vocab else set())
     for name, p in skeleton.state_dict().items():
         module = name.rpartition(".")[0]
-        if module not in linears and not (tied and name == "lm_head.weight"):
+        if module not in replaced and not (tied and name == "lm_head.weight"):
             layout[name] = (tuple(p.shape), torch.float16)
+    if vocab:
+        if not isinstance(vocab, dict):
+            raise UserError("quantization_config.vocab must be an object")
+        for module in vocab_modules(hf_config):
+            layout.update(vocab_layout(module, vocab, hf_config.vocab_size, hf_config.hidden_size))
     for name, lin in linears.items():
         k_in, n_out = lin.in_features, lin.out_features
         if k_in % g or n_out % 8:

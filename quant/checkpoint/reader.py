@@ -19,6 +19,7 @@ from lape_awq.quant.checkpoint.layout import (
     WEIGHTS,
     config_for_model,
     expected_layout,
+    vocab_modules,
 )
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.file_io import sha256_file
@@ -73,10 +74,17 @@ def _validate_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             f"checkpoint has unexpected tensor {extra[0]}"
             + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
         )
-    intermediate = config_for_model(config).intermediate_size
+    hf_config = config_for_model(config)
+    vocab = config["quantization_config"].get("vocab")
+    vocab_tensors = vocab_modules(hf_config) if vocab else ()
     for name, t in tensors.items():
+        module = name.rpartition(".")[0]
         if name.endswith(".sparse_idx"):
+            # Kept FFN neurons index the MLP's intermediate channels; kept vocabulary rows index tokens.
+            size = hf_config.vocab_size if module in vocab_tensors else hf_config.intermediate_size
             try:
-                check_sparse_indices(t, intermediate, f"tensor {name}")
+                check_sparse_indices(t, size, f"tensor {name}")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+        elif module in vocab_tensors and name.endswith(".qzeros") and int(t.max()) >= 2 ** vocab["bits"]:
+            raise UserError(f"tensor {name} holds zero points above {2 ** vocab['bits'] - 1}")

@@ -1,6 +1,7 @@
 """The torch reference for running a checkpoint: an nn.Linear replacement holding the packed W4 tensors
-and the sparse FP16 part, exactly as stored, and a transformers model built from a checkpoint with it.
-The numerical reference for the kernels and the vLLM method."""
+and the sparse FP16 part, exactly as stored, and a transformers model built from a checkpoint with it (a
+quantized vocabulary becomes its dequantized weight plus the kept rows). The numerical reference for the
+kernels and the vLLM method."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch import nn
 
 from lape_awq.kernels.awq_packing import dense_with_kept, pack_int4
 from lape_awq.kernels.sparse_correction import SparseKind
+from lape_awq.kernels.vocab_codes import dense_vocab
 from lape_awq.quant.architectures import architecture_of
-from lape_awq.quant.checkpoint.layout import config_for_model, quantized_linears, sparse_names
+from lape_awq.quant.checkpoint.layout import config_for_model, quantized_linears, sparse_names, vocab_modules
 from lape_awq.quant.checkpoint.reader import read_checkpoint
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.w4_math import QuantizedLinear
@@ -124,6 +126,11 @@ def load_quantized_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.M
         if isinstance(m, W4Linear)
         for b, _ in m.named_buffers()
     }
+    vocab = qc.get("vocab")
+    for module in vocab_modules(hf_config) if vocab else ():
+        qweight, qzeros, scales = (tensors.pop(f"{module}.{t}") for t in ("qweight", "qzeros", "scales"))
+        kept = [tensors.pop(f"{module}.{t}", None) for t in ("sparse_idx", "sparse_rows")]
+        tensors[f"{module}.weight"] = dense_vocab(qweight, qzeros, scales.float(), vocab["bits"], *kept)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -11,6 +11,7 @@ from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
 from lape_awq.quant.cli.arguments import add_model_argument, csv_list
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.vocab.quantizer import DEFAULT_BITS, DEFAULT_GROUP_SIZE, DEFAULT_KEPT_ROWS, VocabSpec
 
 
 def add_quantize_command(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,8 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
         help="write a 4-bit checkpoint: rtn, awq or awq-opt (AWQ + the target language's neurons in FP16)",
         description="Quantize a float model to W4 (group-wise, asymmetric, AutoAWQ gemm layout). "
         "awq-opt keeps the LAPE neurons of --keep-lang in FP16 as a sparse part; "
-        "its neurons file is made first if missing.",
+        "its neurons file is made first if missing. The vocabulary (embedding / LM head) is quantized to "
+        "--vocab-bits, with the rows of --keep-vocab-lang kept in FP16 (awq-opt: --keep-lang's).",
     )
     add_model_argument(parser)
     defaults, calib = QuantSpec(), CalibrationSpec()
@@ -52,6 +54,25 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-seqlen", type=int, default=calib.seqlen)
     parser.add_argument("--calib-text", type=Path, help="calibrate on this UTF-8 file instead")
     parser.add_argument("--group-size", type=int, default=defaults.group_size, choices=(32, 64, 128))
+    parser.add_argument(
+        "--vocab-bits",
+        type=int,
+        default=DEFAULT_BITS,
+        choices=(16, 8, 4),
+        help="bits of the embedding / LM head (16: FP16, as AutoAWQ leaves them, which stock vLLM AWQ needs)",
+    )
+    parser.add_argument("--vocab-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=(32, 64, 128))
+    parser.add_argument(
+        "--keep-vocab-lang",
+        type=csv_list,
+        help="languages whose vocabulary rows stay FP16 (default: --keep-lang for awq-opt, none otherwise)",
+    )
+    parser.add_argument(
+        "--max-vocab-rows",
+        type=int,
+        default=DEFAULT_KEPT_ROWS,
+        help="budget of FP16 vocabulary rows, split between --keep-vocab-lang (0: none)",
+    )
     parser.add_argument("--no-duo-scaling", action="store_true", help="scales from activations only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,8 +106,14 @@ def _run_quantize(args: argparse.Namespace) -> None:
     if opt:
         neurons = args.neurons or ensure_neurons_file(model_dir, progress=not args.quiet)
         keep = KeepSpec(neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed)
+    keep_vocab = args.keep_vocab_lang
+    if keep_vocab is None:  # AWQ-opt keeps its languages' rows of a quantized vocabulary
+        keep_vocab = args.keep_lang if opt and args.vocab_bits != 16 else ()
+    vocab = VocabSpec(
+        args.vocab_bits, args.vocab_group_size, tuple(keep_vocab), args.max_vocab_rows if keep_vocab else 0
+    )
     out = args.out or checkpoint_path(model_dir, args.method)
-    manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite)
+    manifest = quantize_checkpoint(model_dir, out, spec, calib, keep, not args.quiet, args.overwrite, vocab)
     sizes = manifest["sizes"]
     print(f"checkpoint: {out}")
     print(
@@ -94,6 +121,13 @@ def _run_quantize(args: argparse.Namespace) -> None:
         f"{sizes['sparse_bytes'] / 2**10:.1f} KiB (+{100 * sizes['sparse_fraction']:.3f}% of the rest), "
         f"quantized in {manifest['quantize_seconds']} s"
     )
+    if vocab.quantized:
+        kept = json.loads((out / "config.json").read_text())["quantization_config"]["vocab"]["kept_rows"]
+        print(
+            f"vocabulary: {vocab.bits}-bit, group {vocab.group_size}; {kept} FP16 rows for "
+            f"{','.join(vocab.keep_langs) or 'no language'} ({sizes['kept_rows_bytes'] / 2**10:.1f} KiB, "
+            f"+{100 * sizes['kept_rows_fraction']:.2f}%)"
+        )
     if opt:
         print("kept neurons per layer: " + json.dumps(_kept_counts(out)))
 

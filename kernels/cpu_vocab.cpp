@@ -1,0 +1,264 @@
+// The quantized vocabulary on CPU, read straight from its codes (layout: kernels/vocab_codes.py):
+//   vocab_embedding: rows of the token ids (the embedding lookup), fp32 [T, H]
+//   vocab_logits:    x @ W.T (the LM head), fp32 [M, V], fp32 accumulation
+// Every weight is dequantized as the torch reference does it, (q - z) * s in fp32, plus the kept row's
+// residual; only the order of the dot products' sums differs. With AVX-512 a 4-bit group's 16 possible
+// weights are one register, and each code picks its weight with one permute (no int -> float conversion).
+// Up to kDirectRows activation rows (decode) the logits stream the codes once, memory-bound; more rows go
+// through tiles of dequantized rows and the BLAS GEMM.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Activation rows per pass over a vocabulary row (their accumulators stay in registers).
+constexpr int64_t kRowsPerPass = 8;
+// More activation rows than this go through the GEMM path (measured: beyond 16, x leaves L1 and the
+// direct path falls behind).
+constexpr int64_t kDirectRows = 16;
+// Vocabulary rows per dequantized tile on the GEMM path (640 KiB at H = 640: L2-resident).
+constexpr int64_t kGemmTile = 256;
+
+struct Vocab {
+  const uint8_t* codes;
+  const float* scales;
+  const float* zeros;
+  const int32_t* slots;  // null when no row is kept
+  const at::Half* residual;  // fp16 [k, H], as stored: converted to fp32 where it is added
+  int64_t rows, hidden, groups, group, width, bits;
+
+  const at::Half* kept_residual(int64_t v) const {
+    return (slots != nullptr && slots[v] >= 0) ? residual + slots[v] * hidden : nullptr;
+  }
+
+  // Code k of row v.
+  int32_t code(const uint8_t* q, int64_t k) const {
+    if (bits == 8) return q[k];
+    const int64_t in_block = k % 32;
+    const uint8_t byte = q[(k / 32) * 16 + in_block % 16];
+    return in_block < 16 ? (byte & 0x0F) : (byte >> 4);
+  }
+
+  // Row v dequantized into out[0 .. hidden), plus its residual when kept.
+  void row(int64_t v, float* out) const {
+    const uint8_t* q = codes + v * width;
+    const float* s = scales + v * groups;
+    const float* z = zeros + v * groups;
+    const at::Half* res = kept_residual(v);
+#if defined(__AVX512F__)
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 sv = _mm512_set1_ps(s[g]), zv = _mm512_set1_ps(z[g]);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        const __m128i bytes =
+            bits == 4 ? nibbles(q, k) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+        __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), zv), sv);
+        if (res != nullptr) w = _mm512_add_ps(w, load_half(res + k));
+        _mm512_storeu_ps(out + k, w);
+      }
+    }
+#else
+    for (int64_t k = 0; k < hidden; ++k) {
+      out[k] = (static_cast<float>(code(q, k)) - z[k / group]) * s[k / group];
+      if (res != nullptr) out[k] += static_cast<float>(res[k]);
+    }
+#endif
+  }
+
+#if defined(__AVX512F__)
+  static __m512 load_half(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+
+  // 4 bits: the 16 codes k .. k + 15 (k a multiple of 16) as bytes.
+  static __m128i nibbles(const uint8_t* q, int64_t k) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k / 32) * 16));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    return (k % 32 == 0) ? _mm_and_si128(b, low) : _mm_and_si128(_mm_srli_epi16(b, 4), low);
+  }
+#endif
+
+  // Logits of row v (its kept residual included) for MT activation rows x (row stride `hidden`), written
+  // to y[m * ystride].
+  template <int MT>
+  void logits(int64_t v, const float* x, float* y, int64_t ystride) const {
+    const uint8_t* q = codes + v * width;
+    const float* s = scales + v * groups;
+    const float* z = zeros + v * groups;
+    const at::Half* res = kept_residual(v);
+#if defined(__AVX512F__)
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 sv = _mm512_set1_ps(s[g]), zv = _mm512_set1_ps(z[g]);
+      if (bits == 4) {
+        // The group's 16 possible weights (c - z) * s, c = 0 .. 15: each code's weight is one permute away
+        // (the permute reads the low 4 bits of each lane: the low nibble needs no mask).
+        const __m512 codes16 = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(codes16, zv), sv);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2));
+          const __m512i lanes = _mm512_cvtepu8_epi32(bytes);
+          const __m512 lo = _mm512_permutexvar_ps(lanes, table);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table);
+          for (int m = 0; m < MT; ++m) {
+            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * hidden + k), lo, acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * hidden + k + 16), hi, acc[m]);
+          }
+        }
+      } else {
+        for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+          const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+          const __m512 w = _mm512_mul_ps(_mm512_sub_ps(c, zv), sv);
+          for (int m = 0; m < MT; ++m) {
+            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * hidden + k), w, acc[m]);
+          }
+        }
+      }
+    }
+    if (res != nullptr) {
+      for (int64_t k = 0; k < hidden; k += 16) {
+        const __m512 r = load_half(res + k);
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * hidden + k), r, acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * ystride] = _mm512_reduce_add_ps(acc[m]);
+#else
+    std::vector<float> w(hidden);
+    row(v, w.data());
+    for (int m = 0; m < MT; ++m) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < hidden; ++k) sum += x[m * hidden + k] * w[k];
+      y[m * ystride] = sum;
+    }
+#endif
+  }
+
+  void logits_rows(int64_t v, const float* x, int64_t n, float* y, int64_t ystride) const {
+    switch (n) {
+      case 8: logits<8>(v, x, y, ystride); break;
+      case 7: logits<7>(v, x, y, ystride); break;
+      case 6: logits<6>(v, x, y, ystride); break;
+      case 5: logits<5>(v, x, y, ystride); break;
+      case 4: logits<4>(v, x, y, ystride); break;
+      case 3: logits<3>(v, x, y, ystride); break;
+      case 2: logits<2>(v, x, y, ystride); break;
+      default: logits<1>(v, x, y, ystride); break;
+    }
+  }
+};
+
+Vocab check_vocab(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                  const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "vocabulary codes are 4 or 8 bits, got ", bits);
+  TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous uint8 [V, H * bits / 8]");
+  const int64_t rows = qweight.size(0), width = qweight.size(1), hidden = width * 8 / bits;
+  TORCH_CHECK(hidden % 32 == 0, "hidden size must be a multiple of 32, got ", hidden);
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == rows && scales.size(1) > 0 && hidden % scales.size(1) == 0,
+              "scales must be contiguous float32 [V, H / group]");
+  TORCH_CHECK(zeros.dtype() == torch::kFloat32 && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
+              "zeros must be contiguous float32 of the scales' shape");
+  const int64_t group = hidden / scales.size(1);
+  TORCH_CHECK(group % 32 == 0, "group size must be a multiple of 32, got ", group);
+  const bool kept = slots.numel() > 0;
+  if (kept) {
+    TORCH_CHECK(slots.dtype() == torch::kInt32 && slots.dim() == 1 && slots.size(0) == rows &&
+                    slots.is_contiguous(),
+                "slots must be contiguous int32 [V]");
+    TORCH_CHECK(residual.dtype() == torch::kHalf && residual.dim() == 2 && residual.size(1) == hidden &&
+                    residual.is_contiguous(),
+                "residual must be contiguous float16 [k, H]");
+    const int32_t* sl = slots.data_ptr<int32_t>();
+    const int64_t k = residual.size(0);
+    for (int64_t v = 0; v < rows; ++v) TORCH_CHECK(sl[v] < k, "slot ", sl[v], " of row ", v, " >= ", k);
+  }
+  return Vocab{qweight.data_ptr<uint8_t>(),
+               scales.data_ptr<float>(),
+               zeros.data_ptr<float>(),
+               kept ? slots.data_ptr<int32_t>() : nullptr,
+               kept ? residual.data_ptr<at::Half>() : nullptr,
+               rows,
+               hidden,
+               scales.size(1),
+               group,
+               width,
+               bits};
+}
+
+}  // namespace
+
+torch::Tensor vocab_embedding(const torch::Tensor& ids, const torch::Tensor& qweight,
+                              const torch::Tensor& scales, const torch::Tensor& zeros,
+                              const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
+  const Vocab vocab = check_vocab(qweight, scales, zeros, slots, residual, bits);
+  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(),
+              "ids must be contiguous int64 [T]");
+  const int64_t tokens = ids.size(0);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < vocab.rows, "token id ", id[t], " is outside [0, ", vocab.rows, ")");
+  }
+  auto out = torch::empty({tokens, vocab.hidden}, scales.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) vocab.row(id[t], o + t * vocab.hidden);
+  });
+  return out;
+}
+
+torch::Tensor vocab_logits(const torch::Tensor& x, const torch::Tensor& qweight,
+                           const torch::Tensor& scales, const torch::Tensor& zeros,
+                           const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
+  const Vocab vocab = check_vocab(qweight, scales, zeros, slots, residual, bits);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == vocab.hidden,
+              "x must be contiguous float32 [M, H]");
+  const int64_t m_rows = x.size(0), hidden = vocab.hidden, rows = vocab.rows;
+  auto out = torch::empty({m_rows, rows}, x.options());
+  if (m_rows == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  if (m_rows > kDirectRows) {
+    // The worker threads take the caller's thread-local state (inference mode: `out` may be an inference
+    // tensor, which only inference mode may write in place).
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, (rows + kGemmTile - 1) / kGemmTile, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      torch::Tensor tile = torch::empty({kGemmTile, hidden}, x.options());
+      float* buffer = tile.data_ptr<float>();
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t v0 = t * kGemmTile, n = std::min(kGemmTile, rows - v0);
+        for (int64_t r = 0; r < n; ++r) vocab.row(v0 + r, buffer + r * hidden);
+        torch::Tensor y = out.narrow(1, v0, n);
+        at::mm_out(y, x, tile.narrow(0, 0, n).t());
+      }
+    });
+    return out;
+  }
+  // 256 rows per task: enough to hide the parallel overhead, fine enough to balance the cores.
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsPerPass) {  // the row's codes stay in L1 across passes
+        const int64_t n = std::min(kRowsPerPass, m_rows - m0);
+        vocab.logits_rows(v, xp + m0 * hidden, n, o + m0 * rows + v, rows);
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vocab_embedding", &vocab_embedding, "rows of a quantized vocabulary (fp32)");
+  m.def("vocab_logits", &vocab_logits, "x @ W.T for a quantized vocabulary (fp32)");
+}
