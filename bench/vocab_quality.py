@@ -169,8 +169,12 @@ def rows_baseline(variants: list[dict[str, Any]], name: str) -> str | None:
     mine = info[name]
     if mine["rule"] is None:
         return None
-    key = ("bits", "group_size", "clip")
-    return next((v["name"] for v in variants if v["rule"] is None and all(v[k] == mine[k] for k in key)), None)
+    alike = [
+        v
+        for v in variants
+        if v["rule"] is None and all(v[k] == mine[k] for k in ("bits", "group_size", "clip"))
+    ]
+    return alike[0]["name"] if alike else None
 
 
 def recovery(result: dict[str, Any], name: str, baseline: str | None, lang: str = "ko") -> float | None:

@@ -13,20 +13,18 @@ from __future__ import annotations
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-# Nibble i holds column 8c + i: the order vLLM's CPU W4A16 GEMM reads (vllm_method/cpu_w4.py).
-STANDARD_ORDER = tuple(range(8))
 # Where column j of a pack of eight ends up: nibble AWQ_REVERSE_ORDER[j].
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
-def pack_int4(codes: torch.Tensor, order: tuple[int, ...] = AWQ_ORDER) -> torch.Tensor:
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """codes [rows, cols] (integers 0..15, cols % 8 == 0) -> int32 [rows, cols/8], nibble i holding
-    column 8c + order[i] (AWQ order by default)."""
+    column 8c + AWQ_ORDER[i]."""
     rows, cols = codes.shape
     if cols % 8:
         raise ValueError(f"cannot pack {cols} columns: not a multiple of 8")
-    grouped = codes.to(torch.int32).reshape(rows, cols // 8, 8)[..., list(order)]
+    grouped = codes.to(torch.int32).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
     return (grouped << _SHIFTS.to(codes.device)).sum(dim=-1, dtype=torch.int32)
 
 

@@ -242,9 +242,16 @@ def write_results(root: Path) -> Path:
     (old / "eval.json").write_text(
         json.dumps(_eval({"fp": (20.0, 16.0, 0.0, 1.0), "awq-fp16-vocab": (29.0, 19.0, 0.35, 0.65)}))
     )
+    quantized_alike = {"bits": 4, "group_size": 128, "clip": True}
     vocab_variants = [
-        {"name": "4-bit", "kept_rows": 0, "vocab_bytes": 80 * MiB, "rule": None},
-        {"name": "4-bit + 2,048 ko rows", "kept_rows": 2048, "vocab_bytes": 83 * MiB, "rule": "text+script"},
+        {"name": "4-bit", "kept_rows": 0, "vocab_bytes": 80 * MiB, "rule": None, **quantized_alike},
+        {
+            "name": "4-bit + 2,048 ko rows",
+            "kept_rows": 2048,
+            "vocab_bytes": 83 * MiB,
+            "rule": "text+script",
+            **quantized_alike,
+        },
     ]
     vocab = {
         "benchmark": "vocab_quality",

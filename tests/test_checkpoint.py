@@ -199,17 +199,22 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
-def test_corrupt_checkpoints_are_refused(case: str, good_checkpoint: Path, tmp_path: Path) -> None:
+def assert_refused(checkpoint: Path, corruption: tuple[Callable[[Path], None], str], tmp_path: Path) -> None:
+    """A copy of `checkpoint`, corrupted, is refused by the validator with the expected message."""
     import shutil
 
     bad = tmp_path / "bad"
-    shutil.copytree(good_checkpoint, bad)
-    corrupt, message = CORRUPTIONS[case]
+    shutil.copytree(checkpoint, bad)
+    corrupt, message = corruption
     corrupt(bad)
     with pytest.raises(UserError) as info:
         read_checkpoint(bad)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_checkpoints_are_refused(case: str, good_checkpoint: Path, tmp_path: Path) -> None:
+    assert_refused(good_checkpoint, CORRUPTIONS[case], tmp_path)
 
 
 def test_good_checkpoint_validates(good_checkpoint: Path) -> None:
@@ -289,12 +294,4 @@ VOCAB_CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", sorted(VOCAB_CORRUPTIONS))
 def test_corrupt_vocabularies_are_refused(case: str, vocab_checkpoint: Path, tmp_path: Path) -> None:
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(vocab_checkpoint, bad)
-    corrupt, message = VOCAB_CORRUPTIONS[case]
-    corrupt(bad)
-    with pytest.raises(UserError) as info:
-        read_checkpoint(bad)
-    assert message in str(info.value)
+    assert_refused(vocab_checkpoint, VOCAB_CORRUPTIONS[case], tmp_path)

@@ -5,7 +5,7 @@ Loading: qweight/qzeros/scales are sharded along the vocabulary by VocabParallel
 `output_dim` attribute); the kept rows are loaded whole on every rank and cut to the rows the rank owns after
 loading. A tied LM head is the embedding module itself, so its tensors exist once and are processed once.
 
-Running: on CPU the compiled kernel (kernels/cpu_vocab.cpp) reads the codes directly, for the lookup and for
+Running: on CPU the compiled kernel (kernels/cpu_codes.cpp) reads the codes directly, for the lookup and for
 the logits, in fp32; where it cannot be built, the same formulas in torch. On CUDA (`CudaVocab`; not yet run
 on a GPU, its math tested in Triton's interpreter) the lookup dequantizes the gathered rows; the 4-bit LM
 head runs in the Triton W4 kernel with fp32 activations (the codes transposed to its layout at load, the
@@ -14,8 +14,6 @@ kept rows as its rows correction) and the 8-bit one as a dequantized fp16 weight
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +23,8 @@ from vllm.model_executor.utils import set_weight_attrs
 from lape_awq.kernels.sparse_correction import SparseCorrection, check_sparse_indices, slot_map, sparse_rows
 from lape_awq.kernels.vocab_codes import dense_vocab, dequantize_rows, packed_width, to_awq_gemm
 from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
+from lape_awq.vllm_method.cpu_holders import hold, warn_if_no_cpu_kernel
 from lape_awq.vllm_method.sparse_shards import in_range, load_whole
-
-log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _warn_torch_fallback() -> None:
-    log.warning(
-        "lape_awq: the CPU vocabulary kernel could not be built here (a C++ compiler is needed once); "
-        "the quantized vocabulary runs through torch: same outputs, slower"
-    )
 
 
 @dataclass
@@ -156,37 +145,32 @@ class LapeAwqVocabMethod(QuantizeMethodBase):
         qweight, qzeros, scales = layer.qweight.data, layer.qzeros.data, layer.scales.data
         del layer.qweight, layer.qzeros, layer.scales
         if qweight.device.type == "cpu":
-            from lape_awq.kernels.cpu_vocab import VocabCodes, kernel_available
+            from lape_awq.kernels.cpu_codes import CodeMatrix
 
-            if not kernel_available():
-                _warn_torch_fallback()
-            vocab = VocabCodes.build(qweight, qzeros, scales, self.bits, local_idx, local_rows)
-            # Registered, so the engine's memory accounting sees them; lape_vocab views the same tensors.
-            for name in ("qweight", "scales", "zeros", "slots", "residual"):
-                layer.register_parameter(
-                    f"lape_vocab_{name}", torch.nn.Parameter(getattr(vocab, name), requires_grad=False)
-                )
-            layer.lape_vocab = vocab
+            warn_if_no_cpu_kernel()
+            layer.lape_codes = hold(
+                layer, CodeMatrix.build(qweight, qzeros, scales, self.bits, local_idx, local_rows)
+            )
             return
         layer.lape_cuda = CudaVocab.build(
             qweight, qzeros, scales, self.bits, self.group_size, local_idx, local_rows
         )
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
-        if hasattr(layer, "lape_vocab"):
-            from lape_awq.vllm_method.cpu_vocab_ops import vocab_embedding
+        if hasattr(layer, "lape_codes"):
+            from lape_awq.vllm_method.cpu_codes_ops import code_rows
 
-            return vocab_embedding(input_, layer.lape_vocab).to(layer.params_dtype)
+            return code_rows(input_, layer.lape_codes).to(layer.params_dtype)
         return layer.lape_cuda.embedding(input_).to(layer.params_dtype)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The logits in fp32 (the LM head)."""
-        if hasattr(layer, "lape_vocab"):
-            from lape_awq.vllm_method.cpu_vocab_ops import vocab_logits
+        if hasattr(layer, "lape_codes"):
+            from lape_awq.vllm_method.cpu_codes_ops import matmul
 
-            logits = vocab_logits(x, layer.lape_vocab)
+            logits = matmul(x, layer.lape_codes)
         else:
             logits = layer.lape_cuda.logits(x)
         return logits if bias is None else logits + bias.float()

@@ -1,8 +1,9 @@
-"""The quantized vocabulary: its storage layout (bit-exact against a slow, obvious packer), and the CPU kernel
-(kernels/cpu_vocab.cpp, compiled on first use) against the formula in float64.
+"""Matrices of grouped codes (the quantized vocabulary, and the decoder's W4 linears on CPU): the storage
+layout (bit-exact against a slow, obvious packer), and the CPU kernel (kernels/cpu_codes.cpp, compiled on
+first use) against the formula in float64.
 
-Tolerance, normwise: max|y - ref| <= 1e-5 * max|ref| for the fp32 logits; the embedding lookup computes
-each weight exactly as the torch reference does, so it must be bit-identical.
+Tolerance, normwise: max|y - ref| <= 1e-5 * max|ref| for the fp32 products; the row lookup computes each
+weight exactly as the torch reference does, so it must be bit-identical.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lape_awq.kernels import cpu_vocab
-from lape_awq.kernels.cpu_vocab import VocabCodes
+from lape_awq.kernels import cpu_codes
+from lape_awq.kernels.cpu_codes import CodeMatrix
 from lape_awq.kernels.vocab_codes import dense_vocab, pack_codes, to_awq_gemm, unpack_codes
 
 LOGITS_TOLERANCE = 1e-5
@@ -52,7 +53,7 @@ def test_pack_refuses_a_hidden_size_off_the_block() -> None:
 
 def random_vocab(
     rows: int, hidden: int, bits: int, group: int, kept: int, seed: int
-) -> tuple[VocabCodes, torch.Tensor]:
+) -> tuple[CodeMatrix, torch.Tensor]:
     """A random quantized vocabulary (kept rows include the first and last) and its float64 weight."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, hidden), generator=gen)
@@ -64,7 +65,7 @@ def random_vocab(
         idx = torch.cat([torch.tensor([0, rows - 1]), middle]).sort().values.int()
         rows_kept = torch.randn(kept, hidden, generator=gen).half()
     qweight = pack_codes(codes, bits)
-    vocab = VocabCodes.build(qweight, qzeros, scales, bits, idx, rows_kept)
+    vocab = CodeMatrix.build(qweight, qzeros, scales, bits, idx, rows_kept)
     dense = dense_vocab(qweight, qzeros, scales.double(), bits, idx, rows_kept)
     return vocab, dense
 
@@ -74,6 +75,7 @@ CASES = {
     "4-bit-g32": (333, 64, 4, 32, 0),
     "8-bit-g64-kept": (515, 128, 8, 64, 3),
     "8-bit-g128": (260, 640, 8, 128, 0),
+    "4-bit-g32-two-gemm-tiles": (4100, 64, 4, 32, 5),  # the GEMM path dequantizes 4,096 rows per tile
 }
 
 
@@ -83,20 +85,20 @@ def test_logits_match_float64(case: str, m: int) -> None:
     rows, hidden, bits, group, kept = CASES[case]
     vocab, dense = random_vocab(rows, hidden, bits, group, kept, seed=m)
     x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(100 + m))
-    got = cpu_vocab.vocab_logits(x, vocab)
+    got = cpu_codes.code_matmul(x, vocab)
     ref = x.double() @ dense.T
     assert got.dtype == torch.float32 and got.shape == (m, rows)
     err = (got.double() - ref).abs().max() / ref.abs().max()
     assert err <= LOGITS_TOLERANCE, f"normwise error {err:.2e}"
     assert torch.allclose(
-        cpu_vocab.reference_logits(x, vocab).double(), ref, rtol=0, atol=1e-4 * ref.abs().max()
+        cpu_codes.reference_matmul(x, vocab).double(), ref, rtol=0, atol=1e-4 * ref.abs().max()
     )
     if kept:  # the kept rows' term is visible at this tolerance
         without = x.double() @ dense_vocab(*vocab_tensors(vocab), bits).T
         assert (without - ref).abs().max() > 100 * LOGITS_TOLERANCE * ref.abs().max()
 
 
-def vocab_tensors(vocab: VocabCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vocab_tensors(vocab: CodeMatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return vocab.qweight, vocab.zeros, vocab.scales.double()
 
 
@@ -104,36 +106,36 @@ def vocab_tensors(vocab: VocabCodes) -> tuple[torch.Tensor, torch.Tensor, torch.
 def test_embedding_rows_are_exact(case: str) -> None:
     rows, hidden, bits, group, kept = CASES[case]
     vocab, _ = random_vocab(rows, hidden, bits, group, kept, seed=7)
-    idx, _ = vocab.kept_rows()
+    idx, _ = vocab.kept()
     ids = torch.tensor([[0, rows - 1, 5], [5, 1, rows // 2]])
     if idx.numel():
         ids[1, 2] = int(idx[len(idx) // 2])  # a kept row
-    got = cpu_vocab.vocab_embedding(ids, vocab)
+    got = cpu_codes.code_rows(ids, vocab)
     assert got.shape == (2, 3, hidden) and got.dtype == torch.float32
-    dense = dense_vocab(vocab.qweight, vocab.zeros, vocab.scales, bits, *vocab.kept_rows())
+    dense = dense_vocab(vocab.qweight, vocab.zeros, vocab.scales, bits, *vocab.kept())
     assert torch.equal(got, dense[ids])
-    assert torch.equal(cpu_vocab.reference_embedding(ids, vocab), dense[ids])
+    assert torch.equal(cpu_codes.reference_rows(ids, vocab), dense[ids])
 
 
 def test_kernel_refuses_bad_inputs() -> None:
     vocab, _ = random_vocab(64, 64, 4, 32, 2, seed=3)
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="outside"):
-        cpu_vocab.vocab_embedding(torch.tensor([64]), vocab)
+        cpu_codes.code_rows(torch.tensor([64]), vocab)
     with pytest.raises(RuntimeError, match="outside"):
-        cpu_vocab.vocab_embedding(torch.tensor([-1]), vocab)
-    ext = cpu_vocab.extension()
+        cpu_codes.code_rows(torch.tensor([-1]), vocab)
+    ext = cpu_codes.extension()
     args = (vocab.qweight, vocab.scales, vocab.zeros, vocab.slots, vocab.residual)
     with pytest.raises(RuntimeError, match="x must be"):
-        ext.vocab_logits(torch.randn(2, 32), *args, 4)
+        ext.code_matmul(torch.randn(2, 32), *args, 4)
     with pytest.raises(RuntimeError, match="4 or 8 bits"):
-        ext.vocab_logits(x, *args, 3)
+        ext.code_matmul(x, *args, 3)
     with pytest.raises(RuntimeError, match="scales must be"):
-        ext.vocab_logits(x, vocab.qweight, vocab.scales.half(), *args[2:], 4)
+        ext.code_matmul(x, vocab.qweight, vocab.scales.half(), *args[2:], 4)
     bad_slots = vocab.slots.clone()
     bad_slots[3] = 7  # only 2 residual rows
     with pytest.raises(RuntimeError, match="slot 7"):
-        ext.vocab_logits(x, vocab.qweight, vocab.scales, vocab.zeros, bad_slots, vocab.residual, 4)
+        ext.code_matmul(x, vocab.qweight, vocab.scales, vocab.zeros, bad_slots, vocab.residual, 4)
 
 
 def test_awq_gemm_form_of_a_4bit_vocabulary_is_the_same_weight() -> None:

@@ -1,15 +1,15 @@
-// The quantized vocabulary on CPU, read straight from its codes (layout: kernels/vocab_codes.py):
-//   vocab_embedding: rows of the token ids (the embedding lookup), fp32 [T, H]
-//   vocab_logits:    x @ W.T (the LM head), fp32 [M, V], fp32 accumulation
+// A matrix W [N, K] stored as grouped 4/8-bit codes, one row per output (layout: kernels/vocab_codes.py),
+// read straight from its codes on CPU:
+//   code_rows:   rows `ids` of W (the embedding lookup), fp32 [T, K]
+//   code_matmul: x @ W.T (the LM head's logits, a W4 linear), fp32 [M, N], fp32 accumulation
 // Every weight is dequantized as the torch reference does it, (q - z) * s in fp32, plus the kept row's
 // residual; only the order of the dot products' sums differs. With AVX-512 a 4-bit group's 16 possible
 // weights are one register, and each code picks its weight with one permute (no int -> float conversion).
-// Up to kDirectRows activation rows (decode) the logits stream the codes once, memory-bound; more rows go
-// through tiles of dequantized rows and the BLAS GEMM.
+// Up to kDirectRows activation rows (decode) the product streams the codes once, memory-bound; more rows
+// go through tiles of dequantized rows and the BLAS GEMM.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,10 +26,11 @@ constexpr int64_t kRowsPerPass = 8;
 // More activation rows than this go through the GEMM path (measured: beyond 16, x leaves L1 and the
 // direct path falls behind).
 constexpr int64_t kDirectRows = 16;
-// Vocabulary rows per dequantized tile on the GEMM path (640 KiB at H = 640: L2-resident).
-constexpr int64_t kGemmTile = 256;
+// Rows of W per dequantized tile on the GEMM path (10 MiB at K = 640): a decoder linear is one tile, the
+// vocabulary 64; each tile is dequantized by every thread, then multiplied by the multithreaded GEMM.
+constexpr int64_t kGemmTile = 4096;
 
-struct Vocab {
+struct Codes {
   const uint8_t* codes;
   const float* scales;
   const float* zeros;
@@ -158,9 +159,9 @@ struct Vocab {
   }
 };
 
-Vocab check_vocab(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros,
+Codes check_codes(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros,
                   const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "vocabulary codes are 4 or 8 bits, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 8, "codes are 4 or 8 bits, got ", bits);
   TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.dim() == 2 && qweight.is_contiguous(),
               "qweight must be contiguous uint8 [V, H * bits / 8]");
   const int64_t rows = qweight.size(0), width = qweight.size(1), hidden = width * 8 / bits;
@@ -184,7 +185,7 @@ Vocab check_vocab(const torch::Tensor& qweight, const torch::Tensor& scales, con
     const int64_t k = residual.size(0);
     for (int64_t v = 0; v < rows; ++v) TORCH_CHECK(sl[v] < k, "slot ", sl[v], " of row ", v, " >= ", k);
   }
-  return Vocab{qweight.data_ptr<uint8_t>(),
+  return Codes{qweight.data_ptr<uint8_t>(),
                scales.data_ptr<float>(),
                zeros.data_ptr<float>(),
                kept ? slots.data_ptr<int32_t>() : nullptr,
@@ -199,51 +200,49 @@ Vocab check_vocab(const torch::Tensor& qweight, const torch::Tensor& scales, con
 
 }  // namespace
 
-torch::Tensor vocab_embedding(const torch::Tensor& ids, const torch::Tensor& qweight,
+torch::Tensor code_rows(const torch::Tensor& ids, const torch::Tensor& qweight,
                               const torch::Tensor& scales, const torch::Tensor& zeros,
                               const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
-  const Vocab vocab = check_vocab(qweight, scales, zeros, slots, residual, bits);
+  const Codes codes = check_codes(qweight, scales, zeros, slots, residual, bits);
   TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(),
               "ids must be contiguous int64 [T]");
   const int64_t tokens = ids.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(id[t] >= 0 && id[t] < vocab.rows, "token id ", id[t], " is outside [0, ", vocab.rows, ")");
+    TORCH_CHECK(id[t] >= 0 && id[t] < codes.rows, "token id ", id[t], " is outside [0, ", codes.rows, ")");
   }
-  auto out = torch::empty({tokens, vocab.hidden}, scales.options());
+  auto out = torch::empty({tokens, codes.hidden}, scales.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) vocab.row(id[t], o + t * vocab.hidden);
+    for (int64_t t = begin; t < end; ++t) codes.row(id[t], o + t * codes.hidden);
   });
   return out;
 }
 
-torch::Tensor vocab_logits(const torch::Tensor& x, const torch::Tensor& qweight,
+torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
                            const torch::Tensor& scales, const torch::Tensor& zeros,
                            const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
-  const Vocab vocab = check_vocab(qweight, scales, zeros, slots, residual, bits);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == vocab.hidden,
+  const Codes codes = check_codes(qweight, scales, zeros, slots, residual, bits);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == codes.hidden,
               "x must be contiguous float32 [M, H]");
-  const int64_t m_rows = x.size(0), hidden = vocab.hidden, rows = vocab.rows;
+  const int64_t m_rows = x.size(0), hidden = codes.hidden, rows = codes.rows;
   auto out = torch::empty({m_rows, rows}, x.options());
   if (m_rows == 0) return out;
   const float* xp = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
   if (m_rows > kDirectRows) {
-    // The worker threads take the caller's thread-local state (inference mode: `out` may be an inference
-    // tensor, which only inference mode may write in place).
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, (rows + kGemmTile - 1) / kGemmTile, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard state_guard(caller_state);
-      torch::Tensor tile = torch::empty({kGemmTile, hidden}, x.options());
-      float* buffer = tile.data_ptr<float>();
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t v0 = t * kGemmTile, n = std::min(kGemmTile, rows - v0);
-        for (int64_t r = 0; r < n; ++r) vocab.row(v0 + r, buffer + r * hidden);
-        torch::Tensor y = out.narrow(1, v0, n);
-        at::mm_out(y, x, tile.narrow(0, 0, n).t());
-      }
-    });
+    // Many activation rows: dequantize a tile of W's rows (kept residuals included) with every thread,
+    // then let the multithreaded BLAS GEMM reuse it across all of them.
+    torch::Tensor tile = torch::empty({std::min(kGemmTile, rows), hidden}, x.options());
+    float* buffer = tile.data_ptr<float>();
+    for (int64_t v0 = 0; v0 < rows; v0 += kGemmTile) {
+      const int64_t n = std::min(kGemmTile, rows - v0);
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) codes.row(v0 + r, buffer + r * hidden);
+      });
+      torch::Tensor y = out.narrow(1, v0, n);
+      at::mm_out(y, x, tile.narrow(0, 0, n).t());
+    }
     return out;
   }
   // 256 rows per task: enough to hide the parallel overhead, fine enough to balance the cores.
@@ -251,7 +250,7 @@ torch::Tensor vocab_logits(const torch::Tensor& x, const torch::Tensor& qweight,
     for (int64_t v = begin; v < end; ++v) {
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsPerPass) {  // the row's codes stay in L1 across passes
         const int64_t n = std::min(kRowsPerPass, m_rows - m0);
-        vocab.logits_rows(v, xp + m0 * hidden, n, o + m0 * rows + v, rows);
+        codes.logits_rows(v, xp + m0 * hidden, n, o + m0 * rows + v, rows);
       }
     }
   });
@@ -259,6 +258,6 @@ torch::Tensor vocab_logits(const torch::Tensor& x, const torch::Tensor& qweight,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("vocab_embedding", &vocab_embedding, "rows of a quantized vocabulary (fp32)");
-  m.def("vocab_logits", &vocab_logits, "x @ W.T for a quantized vocabulary (fp32)");
+  m.def("code_rows", &code_rows, "rows of a matrix of codes, dequantized (fp32)");
+  m.def("code_matmul", &code_matmul, "x @ W.T for a matrix of codes (fp32)");
 }
