@@ -181,9 +181,7 @@ Codes check_codes(const torch::Tensor& qweight, const torch::Tensor& scales, con
     TORCH_CHECK(residual.dtype() == torch::kHalf && residual.dim() == 2 && residual.size(1) == hidden &&
                     residual.is_contiguous(),
                 "residual must be contiguous float16 [k, H]");
-    const int32_t* sl = slots.data_ptr<int32_t>();
-    const int64_t k = residual.size(0);
-    for (int64_t v = 0; v < rows; ++v) TORCH_CHECK(sl[v] < k, "slot ", sl[v], " of row ", v, " >= ", k);
+    // Every slot < k is checked where the slot map is built (CodeMatrix.build), not on every call.
   }
   return Codes{qweight.data_ptr<uint8_t>(),
                scales.data_ptr<float>(),
@@ -219,15 +217,25 @@ torch::Tensor code_rows(const torch::Tensor& ids, const torch::Tensor& qweight,
   return out;
 }
 
+// x @ W.T, plus the kept input channels' term x[:, cols_idx] @ cols_values (cols_idx empty: none).
 torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
-                           const torch::Tensor& scales, const torch::Tensor& zeros,
-                           const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits) {
+                          const torch::Tensor& scales, const torch::Tensor& zeros,
+                          const torch::Tensor& slots, const torch::Tensor& residual, int64_t bits,
+                          const torch::Tensor& cols_idx, const torch::Tensor& cols_values) {
   const Codes codes = check_codes(qweight, scales, zeros, slots, residual, bits);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == codes.hidden,
-              "x must be contiguous float32 [M, H]");
-  const int64_t m_rows = x.size(0), hidden = codes.hidden, rows = codes.rows;
+              "x must be contiguous float32 [M, K]");
+  const int64_t m_rows = x.size(0), hidden = codes.hidden, rows = codes.rows, cols = cols_idx.numel();
+  if (cols > 0) {
+    TORCH_CHECK(cols_idx.dtype() == torch::kInt64 && cols_idx.dim() == 1, "cols_idx must be int64 [c]");
+    TORCH_CHECK(cols_values.dtype() == torch::kFloat32 && cols_values.is_contiguous() &&
+                    cols_values.dim() == 2 && cols_values.size(0) == cols && cols_values.size(1) == rows,
+                "cols_values must be contiguous float32 [c, N]");
+  }
   auto out = torch::empty({m_rows, rows}, x.options());
   if (m_rows == 0) return out;
+  // The kept input channels' activations, [M, c] (index_select checks the indices).
+  const torch::Tensor picked = cols > 0 ? x.index_select(1, cols_idx).contiguous() : torch::Tensor();
   const float* xp = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
   if (m_rows > kDirectRows) {
@@ -243,14 +251,22 @@ torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
       torch::Tensor y = out.narrow(1, v0, n);
       at::mm_out(y, x, tile.narrow(0, 0, n).t());
     }
+    if (cols > 0) out.addmm_(picked, cols_values);
     return out;
   }
+  const float* xc = cols > 0 ? picked.data_ptr<float>() : nullptr;
+  const float* cv = cols > 0 ? cols_values.data_ptr<float>() : nullptr;
   // 256 rows per task: enough to hide the parallel overhead, fine enough to balance the cores.
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsPerPass) {  // the row's codes stay in L1 across passes
         const int64_t n = std::min(kRowsPerPass, m_rows - m0);
         codes.logits_rows(v, xp + m0 * hidden, n, o + m0 * rows + v, rows);
+      }
+      for (int64_t m = 0; m < m_rows && cols > 0; ++m) {  // the kept input channels' term
+        float sum = 0.0f;
+        for (int64_t j = 0; j < cols; ++j) sum += xc[m * cols + j] * cv[j * rows + v];
+        o[m * rows + v] += sum;
       }
     }
   });

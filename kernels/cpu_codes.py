@@ -8,8 +8,8 @@ $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), keyed by the source, 
 CPU's flags, so a cache is never reused on another CPU. Compiling takes about a minute on 2 cores, once.
 
 `CodeMatrix` is the runtime form (fp32 scales and zero points, a slot map for the kept rows);
-`code_rows` and `code_matmul` run the kernel, `reference_rows` and `reference_matmul` are the same formulas
-in torch (kernels/vocab_codes.py) for where the kernel cannot be built.
+`code_rows` and `code_matmul` run the kernel, or, where it cannot be built, `reference_rows` and
+`reference_matmul`: the same formulas in torch (kernels/vocab_codes.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 from lape_awq.kernels.awq_packing import unpack_int4
-from lape_awq.kernels.sparse_correction import slot_map
+from lape_awq.kernels.sparse_correction import check_sparse_indices, slot_map
 from lape_awq.kernels.vocab_codes import dequantize_rows, pack_codes, packed_width
 
 SOURCE = Path(__file__).with_name("cpu_codes.cpp")
@@ -65,7 +65,13 @@ class CodeMatrix:
             )
         slots, residual = torch.empty(0, dtype=torch.int32), torch.empty(0, cols, dtype=torch.float16)
         if kept_idx is not None and kept_rows is not None and kept_idx.numel():
-            slots, residual = slot_map(kept_idx, rows), kept_rows.half().contiguous()
+            if kept_rows.shape != (kept_idx.numel(), cols):
+                raise ValueError(
+                    f"kept rows of shape {tuple(kept_rows.shape)} for {kept_idx.numel()} x {cols}"
+                )
+            # The kernel trusts every slot to be < k: a map built here from checked indices is.
+            slots = slot_map(check_sparse_indices(kept_idx, rows, "kept rows"), rows)
+            residual = kept_rows.half().contiguous()
         scales, zeros = scales.float().contiguous(), qzeros.float().contiguous()
         return cls(qweight.contiguous(), scales, zeros, bits, slots, residual)
 
@@ -140,15 +146,33 @@ def _args(m: CodeMatrix) -> tuple:
     return m.qweight, m.scales, m.zeros, m.slots, m.residual, m.bits
 
 
+NO_COLUMNS = (torch.empty(0, dtype=torch.long), torch.empty(0, 0))
+
+
 def code_rows(ids: torch.Tensor, m: CodeMatrix) -> torch.Tensor:
     """Rows `ids` (any shape, int) of W in fp32: [*ids.shape, K] (the embedding lookup)."""
+    if not kernel_available():
+        return reference_rows(ids, m)
     rows = extension().code_rows(ids.reshape(-1).long().contiguous(), *_args(m))
     return rows.view(*ids.shape, m.cols)
 
 
-def code_matmul(x: torch.Tensor, m: CodeMatrix) -> torch.Tensor:
-    """x [..., K] @ W.T in fp32 (x is read in fp32): [..., N]."""
-    y = extension().code_matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), *_args(m))
+def code_matmul(
+    x: torch.Tensor,
+    m: CodeMatrix,
+    cols_idx: torch.Tensor | None = None,
+    cols_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ W.T in fp32 (x is read in fp32): [..., N]; plus x[..., cols_idx] @ cols_values (fp32
+    [c, N]) where given: a W4 linear's kept input channels (down_proj)."""
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    idx, values = NO_COLUMNS if cols_idx is None or cols_values is None else (cols_idx, cols_values)
+    if kernel_available():
+        y = extension().code_matmul(flat, *_args(m), idx.long(), values.float().contiguous())
+    else:
+        y = reference_matmul(flat, m)
+        if idx.numel():
+            y += flat[:, idx.long()] @ values.float()
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -126,16 +126,39 @@ def test_kernel_refuses_bad_inputs() -> None:
         cpu_codes.code_rows(torch.tensor([-1]), vocab)
     ext = cpu_codes.extension()
     args = (vocab.qweight, vocab.scales, vocab.zeros, vocab.slots, vocab.residual)
+    no_cols = cpu_codes.NO_COLUMNS
     with pytest.raises(RuntimeError, match="x must be"):
-        ext.code_matmul(torch.randn(2, 32), *args, 4)
+        ext.code_matmul(torch.randn(2, 32), *args, 4, *no_cols)
     with pytest.raises(RuntimeError, match="4 or 8 bits"):
-        ext.code_matmul(x, *args, 3)
+        ext.code_matmul(x, *args, 3, *no_cols)
     with pytest.raises(RuntimeError, match="scales must be"):
-        ext.code_matmul(x, vocab.qweight, vocab.scales.half(), *args[2:], 4)
-    bad_slots = vocab.slots.clone()
-    bad_slots[3] = 7  # only 2 residual rows
-    with pytest.raises(RuntimeError, match="slot 7"):
-        ext.code_matmul(x, vocab.qweight, vocab.scales, vocab.zeros, bad_slots, vocab.residual, 4)
+        ext.code_matmul(x, vocab.qweight, vocab.scales.half(), *args[2:], 4, *no_cols)
+    with pytest.raises(RuntimeError, match="cols_values must be"):
+        ext.code_matmul(x, *args, 4, torch.tensor([1, 2]), torch.zeros(2, 63))
+    with pytest.raises(RuntimeError, match="out of DATA bounds"):  # index_select's own check
+        ext.code_matmul(x, *args, 4, torch.tensor([1, 64]), torch.zeros(2, 64))
+    # The slot map is checked once, where it is built (the kernel trusts it on every call).
+    codes = (vocab.qweight, vocab.zeros.to(torch.uint8), vocab.scales.half(), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        CodeMatrix.build(*codes, torch.tensor([3, 64]), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="sorted"):
+        CodeMatrix.build(*codes, torch.tensor([9, 3]), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="kept rows of shape"):
+        CodeMatrix.build(*codes, torch.tensor([3, 9]), torch.zeros(3, 64))
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_kept_columns_term_matches_float64(m: int) -> None:
+    """A W4 linear's kept input channels (down_proj): x[:, idx] @ values added to x @ W.T, on the direct
+    path and on the GEMM path; without it the result moves far beyond the tolerance."""
+    vocab, dense = random_vocab(300, 128, 4, 64, 0, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    idx, values = torch.tensor([0, 5, 127]), torch.randn(3, 300, generator=gen)
+    x = torch.randn(m, 128, generator=gen)
+    ref = x.double() @ dense.T + x[:, idx].double() @ values.double()
+    got = cpu_codes.code_matmul(x, vocab, idx, values)
+    assert (got.double() - ref).abs().max() <= LOGITS_TOLERANCE * ref.abs().max()
+    assert (x.double() @ dense.T - ref).abs().max() > 100 * LOGITS_TOLERANCE * ref.abs().max()
 
 
 def test_awq_gemm_form_of_a_4bit_vocabulary_is_the_same_weight() -> None:

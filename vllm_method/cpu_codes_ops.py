@@ -1,8 +1,7 @@
 """The CPU code-matrix kernel (kernels/cpu_codes.py) as torch ops, so vLLM's compiled model graph can trace
 the embedding lookup and the W4 linears: `lape_awq::code_rows` and `lape_awq::code_linear`, each a plain
 `Library.impl` (2 us of dispatch, against 13 us for `torch.library.custom_op`) with a fake kernel for
-torch.compile. The LM head's logits (computed outside the compiled graph) call the kernel directly. Where
-the kernel cannot be built, the same formulas run in torch.
+torch.compile. The LM head's logits (computed outside the compiled graph) call the kernel directly.
 """
 
 from __future__ import annotations
@@ -19,22 +18,13 @@ _LIBRARY.define(f"code_rows(Tensor ids, {_MATRIX}) -> Tensor")
 _LIBRARY.define(f"code_linear(Tensor x, {_MATRIX}, Tensor cols_idx, Tensor cols_values) -> Tensor")
 
 
-def matmul(x: torch.Tensor, m: CodeMatrix) -> torch.Tensor:
-    """x @ W.T in fp32: the kernel, or torch where it cannot be built."""
-    return cpu_codes.code_matmul(x, m) if cpu_codes.kernel_available() else cpu_codes.reference_matmul(x, m)
-
-
 def _code_rows(ids: torch.Tensor, *matrix: object) -> torch.Tensor:
-    m = CodeMatrix(*matrix)  # type: ignore[arg-type]
-    return cpu_codes.code_rows(ids, m) if cpu_codes.kernel_available() else cpu_codes.reference_rows(ids, m)
+    return cpu_codes.code_rows(ids, CodeMatrix(*matrix))  # type: ignore[arg-type]
 
 
 def _code_linear(x: torch.Tensor, *args: object) -> torch.Tensor:
     *matrix, cols_idx, cols_values = args
-    y = matmul(x, CodeMatrix(*matrix))  # type: ignore[arg-type]
-    if cols_idx.numel():  # down_proj's kept input channels: y += x[:, idx] @ values, in fp32
-        y.add_(x.index_select(-1, cols_idx).float() @ cols_values.float())
-    return y
+    return cpu_codes.code_matmul(x, CodeMatrix(*matrix), cols_idx, cols_values)  # type: ignore[arg-type]
 
 
 _LIBRARY.impl("code_rows", _code_rows, "CPU")

@@ -110,8 +110,8 @@ class LapeAwqLinearMethod(LinearMethodBase):
         matrix = CodeMatrix.from_awq(layer.qweight.data, layer.qzeros.data, layer.scales.data, *rows)
         del layer.qweight, layer.qzeros, layer.scales
         layer.lape_codes = hold(layer, matrix)
-        if layer.lape_kind == "cols":
-            layer.lape_values.data = layer.lape_values.data.float()
+        if layer.lape_kind == "cols":  # the kernel adds their term in fp32
+            layer.lape_values.data = layer.lape_values.data.float().contiguous()
         else:
             layer.lape_idx = torch.nn.Parameter(torch.empty(0, dtype=torch.long), requires_grad=False)
             layer.lape_values = torch.nn.Parameter(torch.empty(0, 0), requires_grad=False)

@@ -168,9 +168,9 @@ class LapeAwqVocabMethod(QuantizeMethodBase):
     ) -> torch.Tensor:
         """The logits in fp32 (the LM head)."""
         if hasattr(layer, "lape_codes"):
-            from lape_awq.vllm_method.cpu_codes_ops import matmul
+            from lape_awq.kernels.cpu_codes import code_matmul
 
-            logits = matmul(x, layer.lape_codes)
+            logits = code_matmul(x, layer.lape_codes)
         else:
             logits = layer.lape_cuda.logits(x)
         return logits if bias is None else logits + bias.float()
