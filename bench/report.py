@@ -285,7 +285,7 @@ def pipeline_table(record: dict[str, Any]) -> str:
     vocab = record.get("vocab")
     if vocab and vocab["bits"] != 16:
         quantize += (
-            f"; {vocab['bits']}-bit vocabulary, {vocab['max_rows']:,} kept rows "
+            f"; {vocab['bits']}-bit vocabulary, kept-row budget {vocab['max_rows']:,} "
             f"({percent(sizes['kept_rows_fraction'], 2)} of the rest); "
             f"checkpoint {number(sizes['total_bytes'] / MiB)} MiB"
         )

@@ -32,9 +32,9 @@ from lape_awq.bench.formatting import MiB, change, number, percent
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.cli.arguments import csv_list
 from lape_awq.quant.file_io import write_atomic
+from lape_awq.quant.text_sources import DEFAULT_LANGUAGES
 
 DEFAULT_RULE = "text+script"
-EIGHT = ("ko", "en", "zh", "ja", "fr", "es", "vi", "id")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,12 @@ VARIANTS = (
         "4-bit + 4,096 rows, ko and en", 4, rule=DEFAULT_RULE, langs=("ko", "en"), rows=4096, all_langs=True
     ),
     Variant(
-        "4-bit + 4,096 rows, 8 languages pooled", 4, rule="pooled", langs=EIGHT, rows=4096, all_langs=True
+        "4-bit + 4,096 rows, 8 languages pooled",
+        4,
+        rule="pooled",
+        langs=DEFAULT_LANGUAGES,
+        rows=4096,
+        all_langs=True,
     ),
     Variant("4-bit group 64 + 2,048 ko rows", 4, group_size=64, rule=DEFAULT_RULE, langs=("ko",), rows=2048),
 )
@@ -94,7 +99,7 @@ class VocabVariant(nn.Module):
 
 
 def kept_rows(variant: Variant, tokenizer: Any, vocab_size: int) -> torch.Tensor | None:
-    from lape_awq.quant.text_sources import DEFAULT_LANGUAGES, builtin_text
+    from lape_awq.quant.text_sources import builtin_text
     from lape_awq.quant.vocab.rows import script_tokens, select_rows, token_counts
 
     if variant.rule is None:

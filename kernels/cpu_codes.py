@@ -30,7 +30,9 @@ from lape_awq.kernels.vocab_codes import dequantize_rows, pack_codes, packed_wid
 SOURCE = Path(__file__).with_name("cpu_codes.cpp")
 # -fopenmp: at::parallel_for is OpenMP inlined into this module; at run time it binds to the libgomp.so.1
 # torch has loaded (same soname), so the kernel uses torch's threads and vLLM's core binding.
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# -ffp-contract=off: GCC would otherwise fuse `(q - z) * s + residual` into one FMA where the code leaves it
+# to the compiler (the portable loops), and the lookup would no longer be bit-identical to the reference.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
 from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
@@ -25,7 +26,7 @@ from lape_awq.server.metrics import ServerMetrics
 from lape_awq.server.middleware import GatewayMiddleware
 from lape_awq.server.openai_errors import ApiError, error_response
 from lape_awq.server.registry import ModelRegistry
-from lape_awq.server.routes import admin, openai, ops
+from lape_awq.server.routes import admin, openai, ops, page
 
 log = logging.getLogger("lape_awq.server")
 
@@ -95,6 +96,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
         known_model=lambda name: name in registry.slots,
     )
     # This order is the routes' matching order and the order of the OpenAPI document's paths.
-    for routes in (openai, ops, admin):
+    for routes in (openai, ops, admin, page):
         app.include_router(routes.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

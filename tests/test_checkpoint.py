@@ -24,8 +24,8 @@ from lape_awq.quant.errors import UserError
 from lape_awq.quant.vocab.quantizer import VocabSpec, quantize_vocab, vocab_section
 
 KEPT = [torch.tensor([3, 64, 127]), torch.tensor([0, 8])]
-# Kept vocabulary rows: the first and last token and a Korean one.
-KEPT_ROWS = torch.tensor([0, 1000, 262143])
+# Kept vocabulary rows: the first and last token and a Korean one ("금융").
+KEPT_ROWS = torch.tensor([0, 200086, 262143])
 
 
 def quantized_tiny(tokenizer, arch: str, kept: list[torch.Tensor] | None) -> tuple[nn.Module, dict]:
@@ -284,6 +284,14 @@ VOCAB_CORRUPTIONS = {
     "vocab bit width": (
         _edit_config(lambda c: c["quantization_config"]["vocab"].update(bits=3)),
         "vocab.bits must be 4 or 8",
+    ),
+    "vocab group size": (
+        _edit_config(lambda c: c["quantization_config"]["vocab"].update(group_size=48)),
+        "vocab.group_size must be 32, 64 or 128",
+    ),
+    "vocab kept count not an integer": (
+        _edit_config(lambda c: c["quantization_config"]["vocab"].update(kept_rows=True)),
+        "vocab.kept_rows must be a non-negative integer",
     ),
     "vocab kept count disagrees": (
         _edit_config(lambda c: c["quantization_config"]["vocab"].update(kept_rows=2)),

@@ -256,7 +256,7 @@ def test_quantize_mistakes(tiny_model_dir, tmp_path: Path, capsys) -> None:
     assert code == 2 and "neurons file not found" in stderr
     base = ["quantize", "--model", str(model), "--method", "rtn", "--out", str(tmp_path / "x")]
     code, _, stderr = run_cli(capsys, *base, "--vocab-bits", "16", "--keep-vocab-lang", "ko")
-    assert code == 2 and "need --vocab-bits 8 or 4" in stderr
+    assert code == 2 and "needs --vocab-bits 8 or 4" in stderr
     code, _, stderr = run_cli(capsys, *base, "--group-size", "32")  # vocabulary groups of 128 in 64 channels
     assert code == 2 and "not a multiple of --vocab-group-size 128" in stderr
     code, _, stderr = run_cli(

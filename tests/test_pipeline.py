@@ -66,3 +66,33 @@ def test_kept_neurons_keep_the_spec_method(method: str, tokenizer, tmp_path: Pat
     for name, tensor in expected.items():
         assert torch.equal(written[name], tensor), name
     assert (tmp_path / "ckpt" / MANIFEST).is_file()
+
+
+def test_a_default_checkpoint_of_an_earlier_recipe_is_found_stale(tmp_path: Path) -> None:
+    """`lape-awq serve` / `demo` reuse a default checkpoint only when its manifest records the current
+    default recipe (and, for AWQ-opt, the current neurons file); one of an earlier recipe is rebuilt."""
+    import json
+    from dataclasses import asdict
+
+    from lape_awq.quant.awq.default_checkpoints import stale_reason
+    from lape_awq.quant.file_io import sha256_file
+    from lape_awq.quant.vocab.quantizer import default_vocab
+
+    neurons = tmp_path / "n.safetensors"
+    neurons.write_bytes(b"neurons")
+    recipe = {
+        "method": "awq-opt",
+        "quant_spec": asdict(QuantSpec("awq")),
+        "vocab_spec": asdict(default_vocab(("ko",))),
+    }
+    manifest = {**json.loads(json.dumps(recipe)), "neurons_file": {"sha256": sha256_file(neurons)}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert stale_reason(tmp_path, recipe, neurons) is None
+    older = {**manifest, "vocab_spec": {"bits": 16, "group_size": 128, "keep_langs": [], "max_rows": 0}}
+    (tmp_path / MANIFEST).write_text(json.dumps(older))
+    assert "its vocab_spec is" in stale_reason(tmp_path, recipe, neurons)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    neurons.write_bytes(b"other neurons")
+    assert "other neurons" in stale_reason(tmp_path, recipe, neurons)
+    (tmp_path / MANIFEST).unlink()
+    assert "no readable" in stale_reason(tmp_path, recipe, neurons)

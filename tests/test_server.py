@@ -24,7 +24,11 @@ import httpx
 import openai
 import pytest
 import schemathesis
+from browser import chromium, console_errors
 from hypothesis import HealthCheck, settings
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from server_models import CYCLE_TEXT, write_byte_cycle_model, write_quantized_pair, write_verdict_judge
 
 API_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
@@ -571,3 +575,168 @@ def test_hot_swap_under_load_drops_no_request(client: openai.OpenAI, server: Ser
     while _admin(server, "GET", "/models").json()["draining"] and time.time() < deadline:
         time.sleep(0.5)
     assert _admin(server, "GET", "/models").json()["draining"] == []
+
+
+def test_the_demo_client_streams_times_and_prints_answers_side_by_side(server: Server) -> None:
+    """`lape-awq demo`'s client half against this server: the byte-cycle model's Korean comes whole with its
+    checkpoint and timings, and the side-by-side print keeps every line within the terminal's columns
+    (Hangul counted as two) with the separator in one column."""
+    from lape_awq.server.demo_command import ask, display_width, side_by_side
+
+    own = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    answer = ask(own, "bytes", CHAT[0]["content"], 9)
+    assert answer.text == CYCLE_TEXT * 3 and answer.tokens == 9
+    assert answer.checkpoint == str(server.checkpoints["bytes"].resolve())
+    assert answer.ttft_s is not None and answer.ttft_s > 0 and answer.decode_tok_s is not None
+    assert "TTFT" in answer.meta() and "9 tokens" in answer.meta()
+    blocks = [[answer.text * 5, answer.meta()], ["a" * 90, "", "끝"]]
+    lines = side_by_side(["bytes", "other"], blocks, 61).splitlines()
+    assert all(display_width(line) <= 61 for line in lines)
+    separators = {display_width(line.split(" | ")[0]) for line in lines if " | " in line}
+    assert separators == {29}
+    assert "".join(line.split(" | ")[0].strip() for line in lines[2:]).startswith(answer.text * 5)
+
+
+# --- the chat page, in a real browser --------------------------------------------------------------------
+# Headless Chromium (tests/browser.py) on the page this server serves at /, talking to it only through the
+# public routes. These run last: the admin swap below changes what korean-chat serves.
+
+PAGE_WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def page(server: Server) -> Iterator:
+    with chromium() as driver:
+        yield driver
+
+
+def _open_page(driver, server: Server, key: str) -> None:
+    """A fresh page with `key` typed into the API key field (its change event lists the models)."""
+    driver.get(f"{server.url}/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.refresh()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "api-key").is_displayed())
+    field = driver.find_element(By.ID, "api-key")
+    field.send_keys(key, Keys.TAB)
+
+
+def _set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def _answers(driver, pane: str) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, f"#{pane} .message.assistant")
+
+
+def _send_and_wait(driver, prompt: str, turns: int, panes: tuple[str, ...]) -> None:
+    """Send `prompt`; wait until each pane's `turns`-th answer has finished (done or error)."""
+    _set_field(driver, "prompt", prompt)
+    driver.find_element(By.ID, "send").click()
+
+    def finished(d) -> bool:
+        return all(
+            len(_answers(d, p)) >= turns
+            and _answers(d, p)[turns - 1].get_attribute("data-state") != "streaming"
+            for p in panes
+        )
+
+    WebDriverWait(driver, PAGE_WAIT_S).until(finished)
+
+
+def _text(element) -> str:
+    return element.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
+
+
+def test_chat_page_streams_one_prompt_to_two_models_side_by_side(
+    page, server: Server, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """Two turns to tiny-opt (left) and the byte-cycle model (right), greedy: each pane's text is the
+    non-streaming API's answer to the same conversation, Korean split across byte tokens arrives whole,
+    each answer names its checkpoint, and the page logs no console error."""
+    _open_page(page, server, API_KEY)
+    WebDriverWait(page, 30).until(lambda d: len(Select(d.find_element(By.ID, "model-a")).options) == 3)
+    Select(page.find_element(By.ID, "model-a")).select_by_value("tiny-opt")
+    Select(page.find_element(By.ID, "model-b")).select_by_value("bytes")
+    _set_field(page, "temperature", "0")
+    _set_field(page, "max-tokens", "9")
+    history: dict[str, list[dict]] = {"tiny-opt": [], "bytes": []}
+    for turn, prompt in enumerate((CHAT[0]["content"], "고마워요. 한 번 더요."), 1):
+        _send_and_wait(page, prompt, turn, ("pane-a", "pane-b"))
+        for pane, model in (("pane-a", "tiny-opt"), ("pane-b", "bytes")):
+            answer = _answers(page, pane)[turn - 1]
+            assert answer.get_attribute("data-state") == "done", _text(answer)
+            history[model].append({"role": "user", "content": prompt})
+            expected = client.chat.completions.create(
+                model=model, messages=history[model], max_tokens=9, temperature=0
+            )
+            shown = _text(answer)
+            assert shown == expected.choices[0].message.content
+            assert "\ufffd" not in shown
+            history[model].append({"role": "assistant", "content": shown})
+            served_from = client.models.retrieve(model).model_dump()["checkpoint"]
+            assert answer.get_attribute("data-checkpoint") == served_from
+            meta = answer.find_element(By.CSS_SELECTOR, ".meta").text
+            assert "TTFT" in meta and "9 tokens" in meta and served_from in meta
+    assert _text(_answers(page, "pane-b")[0]) == CYCLE_TEXT * 3
+    assert console_errors(page) == []
+    page.save_screenshot(str(tmp_path / "desktop.png"))
+    # Phone width: the panes stack, nothing runs off the side.
+    page.set_window_size(390, 844)
+    left, right = (page.find_element(By.ID, p).rect for p in ("pane-a", "pane-b"))
+    assert right["y"] >= left["y"] + left["height"]
+    assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    page.save_screenshot(str(tmp_path / "phone.png"))
+    page.set_window_size(1280, 900)
+
+
+def test_chat_page_shows_a_wrong_key_as_a_readable_401(page, server: Server) -> None:
+    _open_page(page, server, "not-the-key")
+    status = page.find_element(By.ID, "status")
+    WebDriverWait(page, 30).until(lambda _: "401" in status.text)
+    assert "Incorrect or missing API key" in status.text
+    assert "error" in status.get_attribute("class")
+
+
+def test_chat_page_admin_swap_changes_the_answering_checkpoint(page, server: Server, tmp_path: Path) -> None:
+    """Through the page's admin section: a refused swap shows the server's reason and changes nothing; a
+    good one makes the next answer come from the new checkpoint."""
+    _open_page(page, server, API_KEY)
+    page.find_element(By.CSS_SELECTOR, "#admin summary").click()
+    _set_field(page, "admin-key", ADMIN_KEY)
+    page.find_element(By.ID, "admin-refresh").click()
+    status = page.find_element(By.ID, "admin-status")
+    WebDriverWait(page, 30).until(lambda _: "served" in status.text)
+    assert "korean-chat" in page.find_element(By.ID, "admin-models").text
+    current = _admin(server, "GET", "/models").json()["data"]
+    before = next(row["checkpoint"] for row in current if row["id"] == "korean-chat")
+    target = next(
+        str(server.checkpoints[k].resolve())
+        for k in ("awq", "awq-opt")
+        if str(server.checkpoints[k].resolve()) != before
+    )
+
+    _set_field(page, "admin-name", "korean-chat")
+    _set_field(page, "admin-checkpoint", str(tmp_path / "missing"))
+    page.find_element(By.ID, "admin-swap").click()
+    WebDriverWait(page, 60).until(lambda _: "422" in status.text)
+    assert "previous checkpoint keeps serving" in status.text
+
+    _set_field(page, "admin-checkpoint", target)
+    page.find_element(By.ID, "admin-swap").click()
+    WebDriverWait(page, PAGE_WAIT_S).until(lambda _: "swap done" in status.text)
+    WebDriverWait(page, 30).until(
+        lambda d: (
+            "korean-chat"
+            in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "model-a")).options]
+        )
+    )
+    Select(page.find_element(By.ID, "model-a")).select_by_value("korean-chat")
+    Select(page.find_element(By.ID, "model-b")).select_by_value("")
+    _set_field(page, "max-tokens", "2")
+    _send_and_wait(page, CHAT[0]["content"], 1, ("pane-a",))
+    answer = _answers(page, "pane-a")[0]
+    assert answer.get_attribute("data-state") == "done", _text(answer)
+    assert answer.get_attribute("data-checkpoint") == target
+    assert not page.find_element(By.ID, "pane-b").is_displayed()

@@ -241,7 +241,8 @@ def test_tensor_parallel_ownership_reassembles_the_full_term() -> None:
 def engine_results(checkpoints: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
     jobs = {
         **{f"{arch}-opt": {"model": str(checkpoints[f"{arch}-opt"])} for arch in ARCHITECTURES},
-        # vLLM's compiled graph (as served): the quantized embedding's op traced by torch.compile.
+        # Gemma 3 in vLLM's compiled graph, as served (in place of its eager job, which the other families'
+        # eager jobs cover): the quantized embedding's and linears' ops traced by torch.compile.
         "gemma3-opt": {"model": str(checkpoints["gemma3-opt"]), "enforce_eager": False},
         "llama-awq-as-lape": {"model": str(checkpoints["llama-awq"]), "quantization": "lape_awq"},
         "llama-opt-fp16": {"model": str(checkpoints["llama-opt"]), "dtype": "float16"},

@@ -65,8 +65,9 @@ def test_vocab_spec_checks() -> None:
         VocabSpec(bits=4, group_size=96)
     with pytest.raises(UserError, match=">= 0"):
         VocabSpec(bits=4, max_rows=-1)
-    with pytest.raises(UserError, match="need --vocab-bits 8 or 4"):
-        VocabSpec(bits=16, keep_langs=("ko",), max_rows=10)
+    for max_rows in (10, 0):
+        with pytest.raises(UserError, match="needs --vocab-bits 8 or 4"):
+            VocabSpec(bits=16, keep_langs=("ko",), max_rows=max_rows)
     with pytest.raises(UserError, match="not a multiple"):
         quantize_vocab(torch.zeros(4, 96), VocabSpec(4, 64))
 

@@ -75,9 +75,15 @@ class LapeAwqConfig(QuantizationConfig):
             raise CheckpointError(
                 "lape_awq refuses checkpoint: it runs AutoAWQ 'gemm' tensors with zero points"
             )
-        vocab = config.get("vocab")
-        if vocab is not None and (not isinstance(vocab, dict) or vocab.get("bits") not in (4, 8)):
-            raise CheckpointError("lape_awq refuses checkpoint: vocab.bits must be 4 or 8")
+        vocab = config.get("vocab") or None  # absent or empty: the vocabulary is not quantized
+        if vocab is not None:
+            from lape_awq.quant.checkpoint.layout import check_vocab_section
+            from lape_awq.quant.errors import UserError
+
+            try:
+                check_vocab_section(vocab)
+            except UserError as error:
+                raise CheckpointError(f"lape_awq refuses checkpoint: {error}") from error
         return cls(group, config.get("sparse"), list(config.get("modules_to_not_convert") or []), vocab)
 
     @classmethod

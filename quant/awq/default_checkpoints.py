@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from lape_awq.quant.paths import home_dir
 
@@ -24,8 +28,31 @@ def ensure_neurons_file(model_dir: Path, progress: bool = True) -> Path:
     return path
 
 
+def _as_json(value: Any) -> Any:
+    """`value` as a manifest stores it (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def stale_reason(out: Path, recipe: dict[str, Any], neurons: Path | None) -> str | None:
+    """Why the checkpoint at `out` is not the current default recipe's (None when it is)."""
+    from lape_awq.quant.checkpoint.layout import MANIFEST
+    from lape_awq.quant.file_io import sha256_file
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {MANIFEST}"
+    for key, wanted in recipe.items():
+        if manifest.get(key) != _as_json(wanted):
+            return f"its {key} is {manifest.get(key)} where the default recipe has {_as_json(wanted)}"
+    if neurons is not None and (manifest.get("neurons_file") or {}).get("sha256") != sha256_file(neurons):
+        return f"it was built from other neurons than {neurons}"
+    return None
+
+
 def ensure_default_checkpoint(method: str, progress: bool = True) -> Path:
-    """The embedded default model quantized with `method` (awq or awq-opt): built once, then reused."""
+    """The embedded default model quantized with `method` (awq or awq-opt) by the current default recipe:
+    built once, then reused; one built by an earlier recipe (or from other neurons) is rebuilt."""
     from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
     from lape_awq.quant.awq.quantizer import QuantSpec
     from lape_awq.quant.calibration import CalibrationSpec
@@ -37,10 +64,15 @@ def ensure_default_checkpoint(method: str, progress: bool = True) -> Path:
         raise ValueError(f"method must be one of {DEFAULT_METHODS}, got {method!r}")
     model_dir = prepare_default_model()
     out = checkpoint_path(model_dir, method)
-    if (out / "config.json").is_file():
-        read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine
-        return out
     keep = KeepSpec(ensure_neurons_file(model_dir, progress)) if method == "awq-opt" else None
+    spec, calib = QuantSpec("awq"), CalibrationSpec()
     vocab = default_vocab(keep.langs if keep is not None else ())
-    quantize_checkpoint(model_dir, out, QuantSpec("awq"), CalibrationSpec(), keep, progress, vocab=vocab)
+    if (out / "config.json").is_file():
+        recipe = {"method": method, "quant_spec": asdict(spec), "calibration": asdict(calib)}
+        stale = stale_reason(out, {**recipe, "vocab_spec": asdict(vocab)}, keep and keep.neurons_file)
+        if stale is None:
+            read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine
+            return out
+        print(f"rebuilding {out}: {stale}", file=sys.stderr, flush=True)
+    quantize_checkpoint(model_dir, out, spec, calib, keep, progress, overwrite=True, vocab=vocab)
     return out

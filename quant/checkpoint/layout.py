@@ -52,17 +52,29 @@ def vocab_modules(hf_config: Any) -> tuple[str, ...]:
     return (EMBEDDING,) if tied else (EMBEDDING, LM_HEAD)
 
 
+def check_vocab_section(vocab: Any) -> None:
+    """The `vocab` section's own fields (what needs no model config); a bad one is a UserError."""
+    if not isinstance(vocab, dict):
+        raise UserError("quantization_config.vocab must be an object")
+    bits, g, kept = vocab.get("bits"), vocab.get("group_size"), vocab.get("kept_rows", 0)
+    if bits not in VOCAB_BITS:
+        raise UserError(f"vocab.bits must be 4 or 8, got {bits!r}")
+    if g not in GROUP_SIZES:
+        raise UserError(f"vocab.group_size must be 32, 64 or 128, got {g!r}")
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
+        raise UserError(f"vocab.kept_rows must be a non-negative integer, got {kept!r}")
+
+
 def vocab_layout(
     module: str, vocab: dict[str, Any], vocab_size: int, hidden: int
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors of one quantized vocabulary matrix (kernels/vocab_codes.py), kept rows included."""
-    bits, g, kept = vocab.get("bits"), vocab.get("group_size"), vocab.get("kept_rows", 0)
-    if bits not in VOCAB_BITS:
-        raise UserError(f"vocab.bits must be 4 or 8, got {bits!r}")
-    if g not in GROUP_SIZES or hidden % g:
-        raise UserError(f"vocab.group_size {g!r} does not divide the hidden size {hidden} (32, 64 or 128)")
-    if not isinstance(kept, int) or not 0 <= kept <= vocab_size:
-        raise UserError(f"vocab.kept_rows must be an integer in [0, {vocab_size}], got {kept!r}")
+    check_vocab_section(vocab)
+    bits, g, kept = vocab["bits"], vocab["group_size"], vocab.get("kept_rows", 0)
+    if hidden % g:
+        raise UserError(f"vocab.group_size {g} does not divide the hidden size {hidden}")
+    if kept > vocab_size:
+        raise UserError(f"vocab.kept_rows {kept} exceeds the vocabulary size {vocab_size}")
     layout = {
         f"{module}.qweight": ((vocab_size, packed_width(hidden, bits)), torch.uint8),
         f"{module}.qzeros": ((vocab_size, hidden // g), torch.uint8),
@@ -105,8 +117,6 @@ def expected_layout(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], 
         if module not in replaced and not (tied and name == "lm_head.weight"):
             layout[name] = (tuple(p.shape), torch.float16)
     if vocab:
-        if not isinstance(vocab, dict):
-            raise UserError("quantization_config.vocab must be an object")
         for module in vocab_modules(hf_config):
             layout.update(vocab_layout(module, vocab, hf_config.vocab_size, hf_config.hidden_size))
     for name, lin in linears.items():

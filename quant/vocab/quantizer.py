@@ -5,7 +5,8 @@ residuals.
 The clipping search shrinks each group's range where that lowers the error the matrix causes: as LM head,
 the logit error sum_k E[x_k^2] d_k^2 over the final hidden states x (AWQ's activation-aware weighting); as
 embedding, the plain squared error of the looked-up row; a tied matrix, both. Measured on the default model
-at 4 bits (README): ko perplexity +52% -> +40% over float, en +17% -> +13%.
+at 4 bits (bench/results/vocab_quality_2026-12-02.md): ko perplexity +52.4% -> +39.0% over float, en
++17.3% -> +12.8%.
 
 The vocabulary is not touched by AWQ's scales (they fold into the norms and linears after the embedding), so
 it is quantized from the float model's own weight, once, whatever the decoder's method.
@@ -23,8 +24,9 @@ from lape_awq.quant.errors import UserError
 from lape_awq.quant.w4_math import GroupQuant, QuantizedVocab, quantize_groups
 
 FLOAT_BITS = 16  # --vocab-bits 16: the vocabulary stays FP16, as in plain AWQ checkpoints
-# The default recipe, chosen by measurement (README, "Quantized vocabulary"): 4-bit groups of 128 for every
-# method; the language-aware method (AWQ-opt) also keeps its languages' rows in FP16 within this budget.
+# The default recipe, chosen by measurement (`lape-awq bench vocab`; README Results, "The quantized vocabulary
+# alone"): 4-bit groups of 128 for every method; the language-aware method (AWQ-opt) also keeps its
+# languages' rows in FP16 within this budget.
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_KEPT_ROWS = 2048
@@ -47,8 +49,8 @@ class VocabSpec:
             raise UserError(f"--vocab-group-size must be 32, 64 or 128, got {self.group_size}")
         if self.max_rows < 0:
             raise UserError(f"--max-vocab-rows must be >= 0, got {self.max_rows}")
-        if self.bits == FLOAT_BITS and (self.keep_langs and self.max_rows):
-            raise UserError("--keep-vocab-lang and --max-vocab-rows need --vocab-bits 8 or 4")
+        if self.bits == FLOAT_BITS and self.keep_langs:
+            raise UserError("--keep-vocab-lang needs --vocab-bits 8 or 4 (FP16 keeps every row exact)")
 
     @property
     def quantized(self) -> bool:

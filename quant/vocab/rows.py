@@ -1,10 +1,11 @@
 """Which vocabulary rows a language needs kept in FP16 (the vocabulary counterpart of its LAPE neurons).
 
-The rule, chosen by measurement (README, "Quantized vocabulary"): first the tokens of the language's fit text,
-most frequent first; then, to fill the budget, the tokens written in the language's own script, in the
-tokenizer's order. BPE vocabularies (Gemma's, Llama's, Qwen's) number their tokens in merge order, so a
-lower id is a token that was frequent in the tokenizer's own (general-domain) training text: the second part
-covers the language's common tokens that one corpus never showed, where the first covers the corpus.
+The rule, chosen by measurement (`lape-awq bench vocab`; README Results, "The quantized vocabulary
+alone"): first the tokens of the language's fit text, most frequent first; then, to fill the budget, the
+tokens written in the language's own script, in the tokenizer's order. BPE vocabularies (Gemma's, Llama's,
+Qwen's) number their tokens in merge order, so a lower id is a token that was frequent in the tokenizer's
+own (general-domain) training text: the second part covers the language's common tokens that one corpus
+never showed, where the first covers the corpus.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 - `openai`: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), dispatched by `model`;
 - `admin`: loading, swapping and unloading checkpoints (/admin/models);
 - `ops`: /health and the Prometheus /metrics.
+- `page`: the chat page at / (server/static/) and its /chat/config.
 
 Routes keep no state of their own: as in vLLM's API server, they read what `create_app` put on
 `app.state` (the registry, the metrics, the settings) through the accessors below.
