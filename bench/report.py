@@ -317,7 +317,7 @@ SPEED_NOTE = """\
 Reproduce: `lape-awq bench engine` (run it alone). Decode: 64 new tokens after 32-token
 prompts at batch 1 and 16; prefill: 8 x 256 tokens; medians of interleaved rounds. RTN checkpoints (speed
 does not depend on how the codes were chosen), AWQ-opt with 0.25% random kept neurons per MLP. Ratios are
-to `our awq`."""
+to FP of the same model; the spread of each median's rounds is in the JSON (`_min`, `_max`)."""
 SERVE_NOTE = """\
 Reproduce: `lape-awq bench serve` (run it alone). One `lape-awq serve` process per configuration;
 {repeats} rounds of closed-loop streaming load, {duration:.0f} s per cell, {max_tokens} tokens per answer,

@@ -235,6 +235,10 @@ def side_by_side(titles: list[str], blocks: list[list[str]], columns: int) -> st
     return "\n".join(rows)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     import openai
 
@@ -267,6 +271,10 @@ def _run_demo(args: argparse.Namespace) -> None:
         models.append((f"{DEFAULT_MODEL_NAME}-{method}", path))
         print(f"{method}: {checkpoint_line(path)}", flush=True)
     port = args.port or _free_port()
+    # A closed terminal (SIGHUP) or `kill` (SIGTERM) must stop the server too, as Ctrl-C does: the server
+    # runs in its own session, so without this it would outlive the demo.
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, _interrupt)
     server = start_server(models, port, home_dir() / "demo" / "server.log")
     try:
         with stages(f"starting lape-awq serve on {server.url} (log: {server.log})"):
