@@ -13,8 +13,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import unicodedata
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lape_awq.quant.errors import UserError
+from lape_awq.server.serve_process import ServeProcess
 
 QUESTIONS = (
     "서울을 두세 문장으로 소개해 주세요.",
@@ -31,7 +30,6 @@ QUESTIONS = (
     "한국어를 처음 배우는 사람에게 조언 한 가지를 해 주세요.",
 )
 START_TIMEOUT_S = 900
-STOP_TIMEOUT_S = 60
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
@@ -108,67 +106,6 @@ def checkpoint_line(path: Path) -> str:
     if sizes.get("sparse_bytes"):
         parts.append(f"{sizes['sparse_bytes'] / 2**10:.0f} KiB of Korean FFN neurons in FP16")
     return f"{'; '.join(parts)} ({path})"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """A `lape-awq serve` child process and its log."""
-
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def wait_ready(self, names: list[str]) -> None:
-        import httpx
-
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise UserError(
-                    f"the server exited ({self.process.returncode}); its log ends:\n{self.log_tail()}"
-                )
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=5)
-                if health.status_code == 200 and set(health.json()["models"]) == set(names):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise UserError(
-            f"the server was not ready after {START_TIMEOUT_S} s; its log ends:\n{self.log_tail()}"
-        )
-
-    def stop(self) -> None:
-        """Ctrl-C's way (SIGINT): uvicorn finishes, the engines shut down; killed if that hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_server(models: list[tuple[str, Path]], port: int, log: Path) -> ServerProcess:
-    """`lape-awq serve` on 127.0.0.1 with `models`, its output in `log`."""
-    command = [sys.executable, "-m", "lape_awq.quant.cli.main", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    for name, path in models:
-        command += ["--model", f"{name}={path}"]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as sink:
-        # Its own process group: a Ctrl-C in this terminal reaches the demo, which then stops the server.
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    return ServerProcess(process, f"http://127.0.0.1:{port}", log)
 
 
 def ask(client: object, model: str, question: str, max_tokens: int) -> Answer:
@@ -270,16 +207,17 @@ def _run_demo(args: argparse.Namespace) -> None:
             path = ensure_default_checkpoint(method, progress)
         models.append((f"{DEFAULT_MODEL_NAME}-{method}", path))
         print(f"{method}: {checkpoint_line(path)}", flush=True)
-    port = args.port or _free_port()
     # A closed terminal (SIGHUP) or `kill` (SIGTERM) must stop the server too, as Ctrl-C does: the server
-    # runs in its own session, so without this it would outlive the demo.
+    # runs in its own session (so Ctrl-C reaches only the demo), and without this it would outlive the demo.
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, _interrupt)
-    server = start_server(models, port, home_dir() / "demo" / "server.log")
+    server = ServeProcess(models, ["--quiet"], home_dir() / "demo" / "server.log", args.port)
     try:
-        with stages(f"starting lape-awq serve on {server.url} (log: {server.log})"):
-            server.wait_ready([name for name, _ in models])
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=600)
+        with stages(f"starting lape-awq serve on {server.root} (log: {server.log})"):
+            reason = server.wait_ready(START_TIMEOUT_S)
+            if reason is not None:
+                raise UserError(f"the server did not start ({reason}); its log: {server.log}")
+        client = openai.OpenAI(base_url=f"{server.root}/v1", api_key="EMPTY", max_retries=0, timeout=600)
         columns = max(60, shutil.get_terminal_size((120, 24)).columns)
         with stages(f"asking both checkpoints {len(QUESTIONS)} Korean questions"):
             for number, question in enumerate(QUESTIONS, 1):
@@ -288,7 +226,7 @@ def _run_demo(args: argparse.Namespace) -> None:
                 blocks = [[a.text, "", a.meta(), f"checkpoint: {a.checkpoint}"] for a in answers]
                 print(side_by_side([name for name, _ in models], blocks, columns), flush=True)
         print(f"\n{stages.summary()}\n", flush=True)
-        print(f"Chat page (A/B in the browser): {server.url}/   OpenAI API: {server.url}/v1")
+        print(f"Chat page (A/B in the browser): {server.root}/   OpenAI API: {server.root}/v1")
         if args.keep_serving:
             print("Serving until Ctrl-C.", flush=True)
             server.process.wait()
