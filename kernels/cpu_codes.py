@@ -25,7 +25,7 @@ import torch
 
 from lape_awq.kernels.awq_packing import unpack_int4
 from lape_awq.kernels.sparse_correction import check_sparse_indices, slot_map
-from lape_awq.kernels.vocab_codes import dequantize_rows, pack_codes, packed_width
+from lape_awq.kernels.vocab_codes import kept_dequantized_rows, pack_codes, packed_width
 
 SOURCE = Path(__file__).with_name("cpu_codes.cpp")
 # -fopenmp: at::parallel_for is OpenMP inlined into this module; at run time it binds to the libgomp.so.1
@@ -179,12 +179,7 @@ def code_matmul(
 
 
 def _dequantized(m: CodeMatrix, rows: torch.Tensor | None) -> torch.Tensor:
-    w = dequantize_rows(m.qweight, m.zeros, m.scales, m.bits, rows)
-    if m.slots.numel():
-        slots = m.slots if rows is None else m.slots[rows]
-        kept = slots >= 0
-        w[kept] += m.residual[slots[kept].long()].float()
-    return w
+    return kept_dequantized_rows(m.qweight, m.zeros, m.scales, m.bits, rows, m.slots, m.residual)
 
 
 def reference_rows(ids: torch.Tensor, m: CodeMatrix) -> torch.Tensor:

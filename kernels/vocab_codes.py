@@ -73,6 +73,25 @@ def dequantize_rows(
     return (q - qzeros.to(scales.dtype).repeat_interleave(group, 1)) * scales.repeat_interleave(group, 1)
 
 
+def kept_dequantized_rows(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    rows: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """`dequantize_rows`, plus each kept row's residual: `slots` (the slot map over all V rows, -1 where a
+    row is not kept; None or empty: no kept rows) indexes `residual` [k, H]."""
+    w = dequantize_rows(qweight, qzeros, scales, bits, rows)
+    if slots is not None and slots.numel():
+        slot = slots if rows is None else slots[rows]
+        kept = slot >= 0
+        w[kept] += residual[slot[kept].long()].to(w.dtype)
+    return w
+
+
 def dense_vocab(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,

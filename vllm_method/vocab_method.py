@@ -21,7 +21,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.utils import set_weight_attrs
 
 from lape_awq.kernels.sparse_correction import SparseCorrection, check_sparse_indices, slot_map, sparse_rows
-from lape_awq.kernels.vocab_codes import dense_vocab, dequantize_rows, packed_width, to_awq_gemm
+from lape_awq.kernels.vocab_codes import dense_vocab, kept_dequantized_rows, packed_width, to_awq_gemm
 from lape_awq.vllm_method.config import CheckpointError, LapeAwqConfig
 from lape_awq.vllm_method.cpu_holders import hold, warn_if_no_cpu_kernel
 from lape_awq.vllm_method.sparse_shards import in_range, load_whole
@@ -66,13 +66,11 @@ class CudaVocab:
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [*ids.shape, H]: the gathered rows dequantized, plus the kept rows' residuals."""
-        flat = ids.reshape(-1).long()
         qweight, qzeros, scales = self.codes
-        rows = dequantize_rows(qweight, qzeros, scales.float(), self.bits, flat)
-        if self.slots is not None:
-            slot = self.slots[flat]
-            hit = slot >= 0
-            rows[hit] += self.kept_rows[slot[hit].long()].float()
+        flat = ids.reshape(-1).long()
+        rows = kept_dequantized_rows(
+            qweight, qzeros, scales.float(), self.bits, flat, self.slots, self.kept_rows
+        )
         return rows.view(*ids.shape, -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
