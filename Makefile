@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 CLASH := torchvision torchaudio torchcodec
 
-.PHONY: install install-test install-browser demo serve test lint bench-lape bench-pipeline bench-engine bench-serve report
+.PHONY: install install-test install-browser install-peers demo serve test lint bench-lape bench-pipeline bench-engine bench-serve bench-gguf report
 
 # The editable build leaves lape_awq.egg-info in the source tree; with the tree on sys.path
 # (python -m pytest) its stale entry points would shadow the installed ones, so it goes.
@@ -25,6 +25,11 @@ install-test: install-browser
 install-browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+# The benchmarks' llama.cpp peer (optional, never needed by the tests): llama.cpp's llama-server,
+# llama-bench and llama-batched-bench built from the source PyPI's llama-cpp-python ships (~15 min on 2 cores).
+install-peers:
+	PYTHON=$(PYTHON) bench/install_llama_cpp.sh
 
 # Main job on the embedded default model: prepare Gemma 3 270M, find its Korean neurons, build its AWQ
 # and AWQ-opt checkpoints (each reused when already built), serve both, ask both in Korean side by side.
@@ -55,9 +60,14 @@ bench-pipeline: install
 bench-engine: install
 	lape-awq bench engine
 
-# The serving matrix on the default model (about 25 minutes on 2 cores; builds missing checkpoints first).
+# The serving matrix on the default model with its peers, stock vLLM and llama.cpp (about 40 minutes on
+# 2 cores; builds missing checkpoints first; llama.cpp is reported as skipped until `make install-peers`).
 bench-serve: install
 	lape-awq bench serve
+
+# llama.cpp on the default GGUF against our FP model (same weights): next-token log-probs on held-out text.
+bench-gguf: install
+	lape-awq bench gguf
 
 # The FP / AWQ / AWQ-opt table and the README's Results, from the newest files in bench/results.
 report: install

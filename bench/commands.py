@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from lape_awq.bench import (
+    gguf_agreement,
     kernels,
     lape_speed,
     pipeline_speed,
@@ -27,10 +28,14 @@ BENCHMARKS = {
     "lape": (lape_speed, "LAPE throughput (tokens/s) on a model, projected to 8 languages x 30k tokens"),
     "pipeline": (pipeline_speed, "the whole AWQ-opt pipeline (LAPE, then quantization), stage by stage"),
     "vocab": (vocab_quality, "the quantized vocabulary alone: bits, clipping, kept-row rules and budgets"),
-    "engine": (vllm_speed, "vLLM engine decode / prefill speed and weights: FP / stock AWQ / AWQ / AWQ-opt"),
+    "engine": (vllm_speed, "engine decode / prefill speed and weights: FP / AWQ / AWQ-opt / llama.cpp"),
     "kernels": (kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
     "load": (serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),
-    "serve": (serve_matrix, "the serving matrix: FP / stock AWQ / AWQ / AWQ-opt x concurrency, with memory"),
+    "serve": (serve_matrix, "the serving matrix: FP / AWQ / AWQ-opt and peers (vLLM, llama.cpp) x clients"),
+    "gguf": (
+        gguf_agreement,
+        "llama.cpp on the default GGUF vs our FP model: next-token log-probs on held-out text",
+    ),
     "report": (report, "FP / AWQ / AWQ-opt table from committed results; regenerates the README's Results"),
 }
 

@@ -6,7 +6,8 @@ Reads the newest result files in bench/results (by the date in their names):
   `*judge.json` of the newest folder that has one,
 - the quantized vocabulary alone: `vocab_quality_<date>.json` (`lape-awq bench vocab`),
 - engine speed: `vllm_speed_<date>.json` (`lape-awq bench engine`),
-- serving: `serve_matrix_<date>.json` (`lape-awq bench serve`; runs saved with `--tag` are left out),
+- serving: `serve_matrix_<date>.json` (`lape-awq bench serve`; runs saved with `--tag` are left out), and
+  llama.cpp's agreement with our FP model: `gguf_agreement_<date>.json` (`lape-awq bench gguf`),
 - offline pipeline: `pipeline_speed_<date>.json` (`lape-awq bench pipeline`),
 - GPU kernels: `kernels_<card>_<date>.md` (`lape-awq bench kernels`), when a GPU has run it.
 
@@ -55,6 +56,7 @@ class Sources:
     serve: Path | None
     pipeline: Path | None
     kernels: Path | None
+    gguf: Path | None = None
 
 
 def _newest(paths: list[Path]) -> Path | None:
@@ -84,6 +86,7 @@ def find_sources(results: Path) -> Sources:
         serve=_newest(_untagged(results, "serve_matrix")),
         pipeline=_newest(_untagged(results, "pipeline_speed")),
         kernels=_newest([p for p in results.glob("kernels_*.md") if "_smoke" not in p.name]),
+        gguf=_newest(_untagged(results, "gguf_agreement")),
     )
 
 
@@ -317,13 +320,18 @@ SPEED_NOTE = """\
 Reproduce: `lape-awq bench engine` (run it alone). Decode: 64 new tokens after 32-token
 prompts at batch 1 and 16; prefill: 8 x 256 tokens; medians of interleaved rounds. RTN checkpoints (speed
 does not depend on how the codes were chosen), AWQ-opt with 0.25% random kept neurons per MLP. Ratios are
-to FP of the same model; the spread of each median's rounds is in the JSON (`_min`, `_max`)."""
+to FP of the same model; the spread of each median's rounds is in the JSON (`_min`, `_max`). The llama.cpp
+row is `llama-batched-bench` (`make install-peers`) on the GGUF the default model comes from, on the same
+shapes, with as many threads as vLLM, rated the same way (tokens / (prefill + decode time))."""
 SERVE_NOTE = """\
-Reproduce: `lape-awq bench serve` (run it alone). One `lape-awq serve` process per configuration;
-{repeats} rounds of closed-loop streaming load, {duration:.0f} s per cell, {max_tokens} tokens per answer,
-Korean and English chat prompts. Cells are means over rounds, spread is (max - min) / mean of the output
-throughput, ratios are to `{baseline}`. Checkpoint: its safetensors files; RSS: summed over the
-server's process tree."""
+Reproduce: `lape-awq bench serve` (run it alone; `make install-peers` first for llama.cpp). One server
+process per configuration: `lape-awq serve`, or a peer (stock `vllm serve` on our AWQ-opt checkpoint with
+the same engine options, llama.cpp's `llama-server` on the GGUF with one slot per client); only the one
+measured runs (the others are paused). {repeats} rounds of closed-loop streaming load, {duration:.0f} s per
+cell, {max_tokens} tokens per answer, Korean and English chat prompts, the same client for every server.
+Cells are means over rounds, spread is (max - min) / mean of the output throughput, ratios are to
+`{baseline}`; the peer table is ours / peer. Checkpoint: its safetensors files (llama.cpp: the GGUF); RSS:
+summed over the server's process tree."""
 NO_GPU_NOTE = """\
 Not yet measured: no GPU has run `lape-awq bench kernels` for this project, so the kernels' speed targets
 (M = 1 at >= 70% of the card's memory bandwidth and >= 2.5x FP16 cuBLAS, prefill within 1.3x of cuBLAS)
@@ -399,6 +407,20 @@ def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str
             "",
             f"![serving matrix]({_rel(sources.serve.with_suffix('.png'), base)})",
         ]
+        gguf = _load(sources.gguf)
+        if gguf:
+            from lape_awq.bench.gguf_agreement import markdown_table as gguf_table
+
+            parts += [
+                "",
+                "llama.cpp's quality is our FP row's (the default model is its GGUF dequantized); on a "
+                "sample, "
+                f"{_link(sources.gguf, base)} ({_stamp(gguf)}, `lape-awq bench gguf`): llama-server's "
+                f"next-token log-probabilities (its top {gguf['settings']['top']}) against our float model's "
+                f"at the end of {gguf['settings']['window_tokens']}-token held-out windows.",
+                "",
+                gguf_table(gguf).rstrip(),
+            ]
     if pipeline:
         parts += [
             "",

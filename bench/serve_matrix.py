@@ -1,15 +1,20 @@
-"""The serving matrix: FP, stock vLLM AWQ, our AWQ and our AWQ-opt x concurrency, in one run on one machine.
+"""The serving matrix: our FP, AWQ and AWQ-opt servers and their peers x concurrency, in one run on one
+machine.
 
-Each configuration is one `lape-awq serve` process (started one after another, then all kept alive, so
-its peak memory is its own). The load (`lape-awq bench load`'s closed loop, streaming, fixed-seed Korean
-and English prompts) then runs in rounds: every concurrency on every configuration, the configuration
-order reversed every other round, so a slow phase of a noisy machine hits every configuration alike.
-Each cell is the mean of its rounds; the spread is (max - min) / mean. Ratios are to the baseline
-configuration (our AWQ). A configuration whose server cannot start (stock AWQ where vLLM refuses it) is
-reported as skipped, with the server's reason.
+Each configuration is one server process: `lape-awq serve` with one checkpoint, or a peer (bench/peers.py):
+stock `vllm serve` on our AWQ-opt checkpoint, llama.cpp's `llama-server` on the GGUF the default model
+comes from. They start one after another and all stay alive (so each peak memory is its own), but only
+the one being measured runs: the others are paused (SIGSTOP), because an idle vLLM server still spins
+on the CPU. The load (`lape-awq bench load`'s closed loop, streaming, fixed-seed Korean and English
+prompts, the same for every server) runs in rounds: every concurrency on every configuration, the order
+reversed every other round, so a slow phase of a noisy machine hits every configuration alike. Each
+cell is the mean of its rounds; the spread is (max - min) / mean. Ratios are to the baseline (our AWQ);
+the peer table sets our default (AWQ-opt) against each peer. A configuration whose server cannot start,
+or a peer that is not installed, is reported as skipped with the reason.
 
-    lape-awq bench serve                          # default model: fp, stock-awq, awq, awq-opt
-    lape-awq bench serve --config NAME[@QUANT]=DIR ... [--concurrency 1,4,16,32] [--repeats 2]
+    lape-awq bench serve                          # default model: fp, awq, awq-opt, vllm, llama.cpp
+    lape-awq bench serve --config NAME[@QUANT]=DIR ... [--peer vllm[=DIR]] [--peer llama.cpp[=GGUF]]
+                         [--concurrency 1,4,16,32] [--repeats 2]
 
 Writes bench/results/serve_matrix_<date>[_<tag>].{json,md,png}: JSON with machine, versions, settings,
 memory and every request; the markdown tables; plots of throughput vs concurrency, the latency CDF and
@@ -29,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from lape_awq.bench.formatting import MiB, number, percent, ratio
+from lape_awq.bench.peers import PeerMissing, ServerOptions, start_server
+from lape_awq.bench.process_memory import MemoryPeaks
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.bench.serve_load import run_load, summarize
 from lape_awq.quant.errors import UserError
@@ -36,6 +43,8 @@ from lape_awq.quant.file_io import write_atomic
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 BASELINE = "awq"
+OURS = "awq-opt"  # the configuration the peer table sets against each peer
+PEERS = ("vllm", "llama.cpp")
 # cell key -> (where in a run's summary, scale)
 CELL_METRICS = {
     "output_throughput": (("output_throughput",), 1.0),
@@ -50,11 +59,13 @@ CELL_METRICS = {
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One served configuration: a name, a checkpoint and the engine quantization it runs under."""
+    """One served configuration: a name, what it serves (a checkpoint; llama.cpp: a GGUF), the engine
+    quantization and the server that runs it (bench/peers.py's SERVERS)."""
 
     name: str
     checkpoint: Path
     quantization: str = "auto"  # `lape-awq serve --quantization`: auto, awq (stock vLLM), lape_awq, ...
+    server: str = "lape-awq"
 
 
 def parse_config(text: str) -> ServeConfig:
@@ -66,22 +77,50 @@ def parse_config(text: str) -> ServeConfig:
     return ServeConfig(name, Path(path).expanduser(), quantization or "auto")
 
 
-def default_configs(progress: bool) -> list[ServeConfig]:
-    """The default model in float, its AWQ checkpoint on stock vLLM AWQ and on ours, and its AWQ-opt."""
+def parse_peer(text: str) -> ServeConfig:
+    """`vllm[=DIR]` (default: the default AWQ-opt checkpoint) or `llama.cpp[=GGUF]` (default: the default
+    model's GGUF); the peer's name is its kind. Default targets are resolved when the run starts."""
+    kind, _, path = text.partition("=")
+    if kind not in PEERS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PEERS)} [=PATH], got {text!r}")
+    return ServeConfig(kind, Path(path).expanduser() if path else Path(), "auto", kind)
+
+
+def _default_target(config: ServeConfig, progress: bool) -> ServeConfig:
+    """`config` with a peer's default target filled in where none was given."""
     from lape_awq.quant.awq.default_checkpoints import ensure_default_checkpoint
+    from lape_awq.quant.default_model import default_gguf
+
+    if config.server == "lape-awq" or config.checkpoint != Path():
+        return config
+    if config.server == "llama.cpp":
+        target = default_gguf()
+    else:
+        target = ensure_default_checkpoint(OURS, progress=progress)
+    return ServeConfig(config.name, target, config.quantization, config.server)
+
+
+def default_configs(progress: bool) -> list[ServeConfig]:
+    """The default model in float, its AWQ and AWQ-opt checkpoints on our server, and both peers. (Stock
+    vLLM AWQ cannot load these checkpoints: their vocabulary is quantized. `--config stock-awq@awq=DIR`
+    runs it on a checkpoint written with `--vocab-bits 16`.)"""
+    from lape_awq.quant.awq.default_checkpoints import ensure_default_checkpoints
     from lape_awq.quant.default_model import prepare_default_model
 
-    awq = ensure_default_checkpoint("awq", progress=progress)
+    paths = ensure_default_checkpoints(("awq", OURS), progress)
     return [
         ServeConfig("fp", prepare_default_model()),
-        ServeConfig("stock-awq", awq, "awq"),
-        ServeConfig("awq", awq, "lape_awq"),
-        ServeConfig("awq-opt", ensure_default_checkpoint("awq-opt", progress=progress), "lape_awq"),
+        ServeConfig("awq", paths["awq"], "lape_awq"),
+        ServeConfig(OURS, paths[OURS], "lape_awq"),
+        *(parse_peer(peer) for peer in PEERS),
     ]
 
 
 def weight_bytes(checkpoint: Path) -> int:
-    """Bytes of the checkpoint's safetensors files (the weights as stored, sparse FP16 part included)."""
+    """Bytes of the weights as stored: the checkpoint's safetensors files (sparse FP16 part included), or
+    the GGUF file."""
+    if checkpoint.is_file():
+        return checkpoint.stat().st_size
     return sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
 
 
@@ -100,24 +139,37 @@ def run_matrix(
     concurrencies: list[int],
     repeats: int,
     load: dict[str, Any],
-    serve_args: list[str],
+    options: ServerOptions,
     start_timeout: float,
     workdir: Path,
 ) -> dict[str, Any]:
-    """Start every configuration's server, run the rounds, stop them; the result record (no file I/O)."""
-    from lape_awq.bench.server_process import ServerProcess
+    """Start every configuration's server, run the rounds, stop them; the result record (no file I/O).
+    Only the server being measured runs; the others are paused."""
+    from lape_awq.bench.server_process import MeasuredServer
 
     entries: list[dict[str, Any]] = []
-    servers: dict[str, ServerProcess] = {}
+    servers: dict[str, MeasuredServer] = {}
     runs: list[dict[str, Any]] = []
     try:
         for index, config in enumerate(configs, 1):
-            print(f"[start {index}/{len(configs)}] {config.name}: {config.checkpoint}", flush=True)
+            print(
+                f"[start {index}/{len(configs)}] {config.name} ({config.server}): {config.checkpoint}",
+                flush=True,
+            )
             entry = {**asdict(config), "checkpoint": str(config.checkpoint)}
             entry |= {"weight_bytes": weight_bytes(config.checkpoint), "status": "ok", "reason": None}
             entries.append(entry)
-            args = [*serve_args, "--quantization", config.quantization]
-            server = ServerProcess(config.name, config.checkpoint, args, workdir / f"{config.name}.log")
+            log = workdir / f"{config.name}.log"
+            try:
+                child = start_server(
+                    config.server, config.name, config.checkpoint, config.quantization, options, log
+                )
+            except PeerMissing as missing:
+                entry |= {"status": "skipped", "reason": str(missing), "memory": asdict(MemoryPeaks())}
+                print(f"  skipped: {missing}", flush=True)
+                continue
+            entry["command"] = [str(x) for x in child.process.args]
+            server = MeasuredServer(config.name, child)
             servers[config.name] = server  # from here on `finally` stops it, whatever happens
             reason = server.wait_ready(start_timeout)
             if reason is not None:
@@ -127,6 +179,8 @@ def run_matrix(
                     "memory": asdict(servers.pop(config.name).stop()),
                 }
                 print(f"  skipped: {reason}", flush=True)
+                continue
+            server.pause()  # the next server starts, and the others are measured, without it polling
         if not servers:
             raise UserError("no configuration could be served: " + "; ".join(e["reason"] for e in entries))
         live = [c for c in configs if c.name in servers]
@@ -135,9 +189,14 @@ def run_matrix(
             order = live if round_ % 2 == 0 else live[::-1]
             for concurrency in concurrencies:
                 for config in order:
-                    samples, seconds = asyncio.run(
-                        run_load(servers[config.name].url, config.name, None, concurrency, **load)
-                    )
+                    server = servers[config.name]
+                    server.resume()
+                    try:
+                        samples, seconds = asyncio.run(
+                            run_load(server.url, config.name, None, concurrency, **load)
+                        )
+                    finally:
+                        server.pause()
                     summary = summarize(samples, seconds)
                     runs.append(
                         {
@@ -227,6 +286,9 @@ def markdown_tables(record: dict[str, Any]) -> str:
             f"{number(c['e2el_median_s'], 2)} | {c['failed']} |"
         )
     lines += ["", memory_table(record)]
+    peers = peer_table(record)
+    lines += ["", peers] if peers else []
+    lines += ["", *(f"- {line}" for line in how_run(record))]
     skipped = [e for e in record["configs"] if e["status"] != "ok"]
     if skipped:
         lines += [""] + [
@@ -234,6 +296,45 @@ def markdown_tables(record: dict[str, Any]) -> str:
             for e in skipped
         ]
     return "\n".join(lines) + "\n"
+
+
+def peer_table(record: dict[str, Any]) -> str:
+    """Our default configuration (awq-opt; the baseline where it is absent) against each configuration a
+    peer server ran, per concurrency: ours / peer for output throughput (> 1: ours serves more), TTFT p50,
+    TTFT p99 and TPOT p50 (< 1: ours answers sooner), and both spreads. Empty without a peer."""
+    served = {e["name"]: e for e in record["configs"] if e["status"] == "ok"}
+    ours = OURS if OURS in served else record["settings"]["baseline"]
+    peers = [name for name, e in served.items() if e.get("server", "lape-awq") != "lape-awq"]
+    if not peers or ours not in served:
+        return ""
+    cells = {(c["config"], c["concurrency"]): c for c in aggregate(record)}
+    lines = [
+        f"| {ours} / peer | clients | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | spread (ours, peer) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer in peers:
+        for concurrency in record["settings"]["concurrency"]:
+            a, b = cells.get((ours, concurrency)), cells.get((peer, concurrency))
+            if a is None or b is None:
+                continue
+            ratios = [
+                ratio(a[key] / b[key]) if a[key] is not None and b[key] else "-"
+                for key in ("output_throughput", "ttft_median_ms", "ttft_p99_ms", "tpot_median_ms")
+            ]
+            spread = f"{percent(a['output_throughput_spread'])}, {percent(b['output_throughput_spread'])}"
+            lines.append(f"| {peer} | {concurrency} | " + " | ".join(ratios) + f" | {spread} |")
+    return "\n".join(lines)
+
+
+def how_run(record: dict[str, Any]) -> list[str]:
+    """One line per served configuration: its server and command line (paths shortened to file names)."""
+    out = []
+    for entry in record["configs"]:
+        if entry["status"] != "ok" or "command" not in entry:
+            continue
+        words = [Path(w).name if w.startswith("/") else w for w in entry["command"]]
+        out.append(f"{entry['name']} ({entry.get('server', 'lape-awq')}): `{' '.join(words)}`")
+    return out
 
 
 def _short(reason: str) -> str:
@@ -261,7 +362,8 @@ def memory_table(record: dict[str, Any]) -> str:
     for e in entries:
         mem = e["memory"]
         row = (
-            f"| {e['name']} | {e['quantization']} | {mib(e, lambda x: x['weight_bytes'])} | "
+            f"| {e['name']} | {'gguf' if e.get('server') == 'llama.cpp' else e['quantization']} | "
+            f"{mib(e, lambda x: x['weight_bytes'])} | "
             f"{number((mem['ready_rss'] or 0) / MiB)} | {mib(e, lambda x: x['memory']['peak_rss'])} |"
         )
         if gpu:
@@ -288,7 +390,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_config,
         metavar="NAME[@QUANT]=DIR",
         help="a configuration to serve (repeatable); QUANT is `lape-awq serve --quantization` (default auto: "
-        "AWQ on lape_awq, awq: stock vLLM AWQ). Default: the default model's fp, stock-awq, awq, awq-opt",
+        "AWQ on lape_awq, awq: stock vLLM AWQ). Default: the default model's fp, awq, awq-opt",
+    )
+    parser.add_argument(
+        "--peer",
+        dest="peers",
+        action="append",
+        type=parse_peer,
+        metavar="vllm[=DIR]|llama.cpp[=GGUF]",
+        help="a peer server to measure beside ours (repeatable): stock `vllm serve` on a checkpoint "
+        "(default: the default AWQ-opt) or llama.cpp's llama-server on a GGUF (default: the default "
+        "model's). "
+        "Default with no --config: both",
+    )
+    parser.add_argument(
+        "--llama-server", type=Path, help="llama-server binary (default: make install-peers')"
     )
     parser.add_argument("--baseline", default=BASELINE, help="the configuration ratios are taken to")
     parser.add_argument(
@@ -307,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="CUDA: fraction per server")
     serve.add_argument("--max-num-seqs", type=int, help="default: the largest concurrency")
     serve.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
+    serve.add_argument("--threads", type=int, help="llama.cpp threads (default: every core, as vLLM)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--quiet", action="store_true", help="no progress bars while building checkpoints")
@@ -318,24 +435,35 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1 or args.duration <= 0 or args.max_tokens < 1 or args.warmup < 0:
         raise UserError("--repeats, --duration and --max-tokens must be positive, --warmup >= 0")
-    configs = args.configs or default_configs(progress=not args.quiet)
+    progress = not args.quiet
+    if args.configs:
+        configs = list(args.configs)
+    else:  # the defaults: ours and both peers, or ours and the peers named
+        configs = [c for c in default_configs(progress) if not args.peers or c.server == "lape-awq"]
+    peers = {p.name: p for p in args.peers or []}
+    configs = [c for c in configs if c.name not in peers] + list(peers.values())
+    configs = [_default_target(c, progress) for c in configs]
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise UserError(f"configuration names must be distinct: {names}")
     for config in configs:
-        if not (config.checkpoint / "config.json").is_file():
-            raise UserError(f"--config {config.name}: {config.checkpoint} is not a model directory")
+        if config.server == "llama.cpp":
+            if config.checkpoint.suffix != ".gguf" or not config.checkpoint.is_file():
+                raise UserError(f"--peer llama.cpp={config.checkpoint}: not a .gguf file")
+        elif not (config.checkpoint / "config.json").is_file():
+            raise UserError(f"{config.name}: {config.checkpoint} is not a model directory")
     baseline = args.baseline if args.baseline in names else names[0]
-    server_options = {
-        "--dtype": args.dtype,
-        "--max-model-len": args.max_model_len,
-        "--kv-cache-gib": args.kv_cache_gib,
-        "--gpu-memory-utilization": args.gpu_memory_utilization,
-        "--max-num-seqs": args.max_num_seqs or max(args.concurrency),
-        "--max-in-flight": 4 * max(args.concurrency) + 16,
-    }
-    serve_args = [str(x) for option in server_options.items() for x in option]
-    serve_args += ["--enforce-eager"] if args.enforce_eager else []
+    options = ServerOptions(
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs or max(args.concurrency),
+        max_in_flight=4 * max(args.concurrency) + 16,
+        enforce_eager=args.enforce_eager,
+        **({"threads": args.threads} if args.threads else {}),
+        llama_server=args.llama_server,
+    )
     load = {
         "duration": args.duration,
         "warmup": args.warmup,
@@ -345,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
     header = result_header("serve_matrix")  # when the run started
     with tempfile.TemporaryDirectory(prefix="lape-awq-bench-serve-") as tmp:
         result = run_matrix(
-            configs, args.concurrency, args.repeats, load, serve_args, args.start_timeout, Path(tmp)
+            configs, args.concurrency, args.repeats, load, options, args.start_timeout, Path(tmp)
         )
     record = {
         **header,
@@ -354,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
             "concurrency": args.concurrency,
             "repeats": args.repeats,
             **load,
-            "serve_args": serve_args,
+            "server_options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+            "isolation": "only the measured server runs; the others are paused (SIGSTOP)",
             "prompts": "packaged Korean judge questions + English prompts, seeded",
         },
         **result,

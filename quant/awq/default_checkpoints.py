@@ -53,26 +53,39 @@ def stale_reason(out: Path, recipe: dict[str, Any], neurons: Path | None) -> str
 def ensure_default_checkpoint(method: str, progress: bool = True) -> Path:
     """The embedded default model quantized with `method` (awq or awq-opt) by the current default recipe:
     built once, then reused; one built by an earlier recipe (or from other neurons) is rebuilt."""
-    from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
+    return ensure_default_checkpoints((method,), progress)[method]
+
+
+def ensure_default_checkpoints(
+    methods: tuple[str, ...] = DEFAULT_METHODS, progress: bool = True
+) -> dict[str, Path]:
+    """`ensure_default_checkpoint` for several methods; those to build are built together (one model load
+    and calibration, the searches they share run once: `quantize_checkpoints`)."""
+    from lape_awq.quant.awq.pipeline import Build, KeepSpec, quantize_checkpoints
     from lape_awq.quant.awq.quantizer import QuantSpec
     from lape_awq.quant.calibration import CalibrationSpec
     from lape_awq.quant.checkpoint.reader import read_checkpoint
     from lape_awq.quant.default_model import prepare_default_model
     from lape_awq.quant.vocab.quantizer import default_vocab
 
-    if method not in DEFAULT_METHODS:
-        raise ValueError(f"method must be one of {DEFAULT_METHODS}, got {method!r}")
+    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {DEFAULT_METHODS}, got {unknown}")
     model_dir = prepare_default_model()
-    out = checkpoint_path(model_dir, method)
-    keep = KeepSpec(ensure_neurons_file(model_dir, progress)) if method == "awq-opt" else None
     spec, calib = QuantSpec("awq"), CalibrationSpec()
-    vocab = default_vocab(keep.langs if keep is not None else ())
-    if (out / "config.json").is_file():
-        recipe = {"method": method, "quant_spec": asdict(spec), "calibration": asdict(calib)}
-        stale = stale_reason(out, {**recipe, "vocab_spec": asdict(vocab)}, keep and keep.neurons_file)
-        if stale is None:
-            read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine
-            return out
-        print(f"rebuilding {out}: {stale}", file=sys.stderr, flush=True)
-    quantize_checkpoint(model_dir, out, spec, calib, keep, progress, overwrite=True, vocab=vocab)
-    return out
+    paths, builds = {}, []
+    for method in methods:
+        out = paths[method] = checkpoint_path(model_dir, method)
+        keep = KeepSpec(ensure_neurons_file(model_dir, progress)) if method == "awq-opt" else None
+        vocab = default_vocab(keep.langs if keep is not None else ())
+        if (out / "config.json").is_file():
+            recipe = {"method": method, "quant_spec": asdict(spec), "calibration": asdict(calib)}
+            stale = stale_reason(out, {**recipe, "vocab_spec": asdict(vocab)}, keep and keep.neurons_file)
+            if stale is None:
+                read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine
+                continue
+            print(f"rebuilding {out}: {stale}", file=sys.stderr, flush=True)
+        builds.append(Build(out, keep, vocab))
+    if builds:
+        quantize_checkpoints(model_dir, builds, spec, calib, progress, overwrite=True)
+    return paths

@@ -3,6 +3,7 @@ or at 8 / 4 bits with a language's rows kept."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 
 import torch
 
-from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_models
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch
 from lape_awq.quant.checkpoint.layout import EMBEDDING, LM_HEAD, vocab_modules
 from lape_awq.quant.checkpoint.writer import refuse_existing, write_checkpoint
+from lape_awq.quant.errors import UserError
 from lape_awq.quant.file_io import sha256_file
 from lape_awq.quant.lape.kept_neurons import language_neurons, random_like
 from lape_awq.quant.lape.neurons_file import NeuronsFile
@@ -25,6 +27,7 @@ from lape_awq.quant.vocab.quantizer import (
     hidden_second_moment,
     quantize_vocab,
     vocab_section,
+    with_kept_rows,
 )
 from lape_awq.quant.vocab.rows import select_rows
 from lape_awq.quant.w4_math import QuantizedVocab
@@ -47,6 +50,16 @@ def method_name(spec: QuantSpec, keep: KeepSpec | None) -> str:
     return name + ("-random" if keep is not None and keep.random_control else "")
 
 
+@dataclass(frozen=True)
+class Build:
+    """One checkpoint to write: where, AWQ-opt's kept neurons (None: plain RTN / AWQ) and the vocabulary
+    (None: FP16)."""
+
+    out: Path
+    keep: KeepSpec | None = None
+    vocab: VocabSpec | None = None
+
+
 def quantize_checkpoint(
     model_dir: Path,
     out: Path,
@@ -60,69 +73,134 @@ def quantize_checkpoint(
     """Quantize the model in `model_dir` and write the checkpoint to `out`; returns its manifest.
     With `keep` the method is AWQ-opt (or RTN + kept neurons when spec.method is rtn); `vocab` says how
     the embedding / LM head are stored (FP16 when None; `quantize`'s default is `default_vocab`)."""
-    method = method_name(spec, keep)
-    vocab = vocab or VocabSpec()
-    refuse_existing(out, overwrite)  # before minutes of work, not after
-    nf = NeuronsFile.load(keep.neurons_file) if keep is not None else None  # a bad file fails fast
+    return quantize_checkpoints(model_dir, [Build(out, keep, vocab)], spec, calib, progress, overwrite)[0]
+
+
+def quantize_checkpoints(
+    model_dir: Path,
+    builds: list[Build],
+    spec: QuantSpec,
+    calib: CalibrationSpec,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Write one checkpoint per build (e.g. AWQ and AWQ-opt) from one model load and one calibration: the
+    vocabulary codes are searched once per vocabulary format and the decoder is quantized in one pass
+    (`quantize_models`), each checkpoint exactly what `quantize_checkpoint` alone writes. Returns the
+    manifests, in order."""
+    outs = [build.out.resolve() for build in builds]
+    if len(set(outs)) != len(outs):
+        raise UserError(f"two builds write the same directory: {[str(o) for o in outs]}")
+    for build in builds:
+        refuse_existing(build.out, overwrite)  # before minutes of work, not after
+    vocabs = [build.vocab or VocabSpec() for build in builds]
+    # A bad neurons file fails fast.
+    neurons = [NeuronsFile.load(b.keep.neurons_file) if b.keep is not None else None for b in builds]
     model, tokenizer = load_causal_lm(model_dir, torch.float32)
-    vocab.check_fits(model.config.hidden_size)
+    for vocab in vocabs:
+        vocab.check_fits(model.config.hidden_size)
     model_hash = config_hash(model.config)
-    kept, keep_info = None, None
-    if keep is not None and nf is not None:
-        nf.check_made_for(model_hash, str(keep.neurons_file))
-        kept = language_neurons(nf, list(keep.langs), keep.max_neurons)
-        if keep.random_control:
-            kept = random_like(kept, nf.entropy.shape[1], keep.seed)
-        keep_info = {
-            "path": str(keep.neurons_file),
-            "sha256": sha256_file(keep.neurons_file),
-            **{k: v for k, v in asdict(keep).items() if k != "neurons_file"},
-        }
+    kept = [
+        _kept_neurons(build.keep, nf, model_hash) if build.keep is not None and nf is not None else None
+        for build, nf in zip(builds, neurons, strict=True)
+    ]
     batch = calibration_batch(tokenizer, calib)
     started = time.perf_counter()
-    vocab_q, section = quantize_model_vocab(model, tokenizer, vocab, batch)
-    quantized = quantize_model(model, batch, spec, kept, progress)
+    vocab_q = quantize_models_vocab(model, tokenizer, vocabs, batch)
+    # Each build quantizes its own copy: the scales fold into the weights, differently where neurons are kept.
+    models = [model] + [copy.deepcopy(model) for _ in builds[1:]]
+    quantized = quantize_models(models, batch, spec, kept, progress)
     seconds = time.perf_counter() - started
-    sparse = None
-    if kept is not None:
-        sparse = {
-            "languages": list(keep.langs) if not keep.random_control else [],
-            "selection": "random" if keep.random_control else "lape",
-            "dtype": "float16",
-            "projections": list(spec.sparse_projections),
-            "neurons_per_layer": [int(k.numel()) for k in kept],
+    manifests = []
+    for build, vocab, copy_, linears, (matrices, section), kept_ in zip(
+        builds, vocabs, models, quantized, vocab_q, kept, strict=True
+    ):
+        keep = build.keep
+        sparse, keep_info = None, None
+        if keep is not None and kept_ is not None:
+            sparse = {
+                "languages": list(keep.langs) if not keep.random_control else [],
+                "selection": "random" if keep.random_control else "lape",
+                "dtype": "float16",
+                "projections": list(spec.sparse_projections),
+                "neurons_per_layer": [int(k.numel()) for k in kept_],
+            }
+            keep_info = {
+                "path": str(keep.neurons_file),
+                "sha256": sha256_file(keep.neurons_file),
+                **{k: v for k, v in asdict(keep).items() if k != "neurons_file"},
+            }
+        method = method_name(spec, keep)
+        manifest = {
+            "method": method,
+            "source_model": {"path": str(model_dir.resolve()), "config_sha256": model_hash},
+            "neurons_file": keep_info,
+            "calibration": asdict(calib),
+            "quant_spec": asdict(spec),
+            "vocab_spec": asdict(vocab),
+            "quantize_seconds": round(seconds, 1),
         }
-    manifest = {
-        "method": method,
-        "source_model": {"path": str(model_dir.resolve()), "config_sha256": model_hash},
-        "neurons_file": keep_info,
-        "calibration": asdict(calib),
-        "quant_spec": asdict(spec),
-        "vocab_spec": asdict(vocab),
-        "quantize_seconds": round(seconds, 1),
-    }
-    return write_checkpoint(
-        out, model, tokenizer, quantized, spec.group_size, sparse, manifest, overwrite, vocab_q, section
-    )
+        if len(builds) > 1:  # the seconds above are the shared run's
+            others = [method_name(spec, b.keep) for b in builds if b is not build]
+            manifest["built_together_with"] = others
+        manifests.append(
+            write_checkpoint(
+                build.out,
+                copy_,
+                tokenizer,
+                linears,
+                spec.group_size,
+                sparse,
+                manifest,
+                overwrite,
+                matrices,
+                section,
+            )
+        )
+    return manifests
 
 
-def quantize_model_vocab(
-    model: torch.nn.Module, tokenizer: Any, vocab: VocabSpec, batch: torch.Tensor
-) -> tuple[dict[str, QuantizedVocab] | None, dict[str, Any] | None]:
-    """The quantized vocabulary matrices (embedding, and LM head when untied) with their config section, or
-    (None, None) when the vocabulary stays FP16. The kept rows come from the built-in corpus's fit text;
-    the clipping search weighs the LM head's error by the calibration batch's final hidden states."""
-    if not vocab.quantized:
-        return None, None
-    kept = None
-    if vocab.keep_langs and vocab.max_rows:
-        texts = [builtin_text(lang, "fit") for lang in vocab.keep_langs]
-        kept = select_rows(tokenizer, texts, model.config.vocab_size, vocab.max_rows)
+def _kept_neurons(keep: KeepSpec, nf: NeuronsFile, model_hash: str) -> list[torch.Tensor]:
+    """Per layer, the kept FFN neurons of `keep`'s languages (or as many random ones)."""
+    nf.check_made_for(model_hash, str(keep.neurons_file))
+    kept = language_neurons(nf, list(keep.langs), keep.max_neurons)
+    return random_like(kept, nf.entropy.shape[1], keep.seed) if keep.random_control else kept
+
+
+def quantize_models_vocab(
+    model: torch.nn.Module, tokenizer: Any, vocabs: list[VocabSpec], batch: torch.Tensor
+) -> list[tuple[dict[str, QuantizedVocab] | None, dict[str, Any] | None]]:
+    """Per vocabulary spec, the quantized vocabulary matrices (embedding, and LM head when untied) with
+    their config section, or (None, None) when it stays FP16. The kept rows come from the built-in corpus's
+    fit text; the clipping search weighs the LM head's error by the calibration batch's final hidden
+    states. Specs that differ only in kept rows share the codes (a row's codes do not depend on which
+    other rows are kept)."""
+    if not any(vocab.quantized for vocab in vocabs):
+        return [(None, None)] * len(vocabs)
     hidden_sq = hidden_second_moment(model, batch)
     modules = vocab_modules(model.config)
-    matrices = {}
-    for module in modules:
-        roles = (module == EMBEDDING, module == LM_HEAD or len(modules) == 1)  # (embedding, LM head)
-        importance = clip_importance(hidden_sq, *roles)
-        matrices[module] = quantize_vocab(model.get_submodule(module).weight, vocab, kept, importance)
-    return matrices, vocab_section(vocab, kept, "text-frequency+script")
+    codes: dict[tuple[int, int], dict[str, QuantizedVocab]] = {}
+    out = []
+    for vocab in vocabs:
+        if not vocab.quantized:
+            out.append((None, None))
+            continue
+        key = (vocab.bits, vocab.group_size)
+        if key not in codes:
+            codes[key] = {}
+            for module in modules:
+                roles = (module == EMBEDDING, module == LM_HEAD or len(modules) == 1)  # (embedding, LM head)
+                importance = clip_importance(hidden_sq, *roles)
+                codes[key][module] = quantize_vocab(
+                    model.get_submodule(module).weight, vocab, None, importance
+                )
+        kept = None
+        if vocab.keep_langs and vocab.max_rows:
+            texts = [builtin_text(lang, "fit") for lang in vocab.keep_langs]
+            kept = select_rows(tokenizer, texts, model.config.vocab_size, vocab.max_rows)
+        matrices = {
+            module: with_kept_rows(codes[key][module], model.get_submodule(module).weight, kept)
+            for module in modules
+        }
+        out.append((matrices, vocab_section(vocab, kept, "text-frequency+script")))
+    return out

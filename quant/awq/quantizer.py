@@ -115,24 +115,48 @@ def quantize_model(
     """Quantize every decoder linear of `model` in place (scales folded into its norms and linears) and
     return the 4-bit form of each, keyed by module name (`model.layers.3.mlp.down_proj`). `kept`: per
     layer, the sorted int64 indices of the FFN neurons kept in FP16 (AWQ-opt)."""
-    arch = architecture_of(model)
-    layers = decoder_layers(model)
-    if kept is not None and len(kept) != len(layers):
-        raise UserError(f"kept neurons cover {len(kept)} layers, the model has {len(layers)}")
+    return quantize_models([model], calib, spec, [kept], progress)[0]
+
+
+@torch.no_grad()
+def quantize_models(
+    models: list[nn.Module],
+    calib: torch.Tensor,
+    spec: QuantSpec,
+    kept: list[list[torch.Tensor] | None],
+    progress: bool = True,
+) -> list[dict[str, QuantizedLinear]]:
+    """`quantize_model` for several identical float copies of one model at once, each with its own kept
+    neurons (None: plain AWQ): AWQ and AWQ-opt in one pass. Both calibrate on the float model's own
+    activations, so every layer's inputs are computed once; a scaling group or clip target that keeps no
+    neuron in any copy, with equal weights and inputs in every copy (the attention's, here), is searched
+    once and applied to all. Each copy ends exactly as `quantize_model` would leave it alone."""
+    if len(kept) != len(models):
+        raise ValueError(f"{len(models)} models but {len(kept)} kept-neuron lists")
+    arch = architecture_of(models[0])
+    layers = [decoder_layers(model) for model in models]
+    for keep in kept:
+        if keep is not None and len(keep) != len(layers[0]):
+            raise UserError(f"kept neurons cover {len(keep)} layers, the model has {len(layers[0])}")
     rtn = spec.method == "rtn"  # round-to-nearest needs no activations
     if rtn:
-        inputs, calls = [], [_Calls() for _ in layers]
+        inputs, calls = [], [_Calls() for _ in layers[0]]
     else:
-        inputs, calls = _layer_call_capture(model, list(calib.split(spec.chunk_size)))
-    result: dict[str, QuantizedLinear] = {}
-    bar = tqdm(layers, desc=f"quantize ({spec.method})", unit="layer", disable=not progress)
-    for i, layer in enumerate(bar):
-        sparse = _sparse(arch, spec, kept[i] if kept is not None else None)
+        inputs, calls = _layer_call_capture(models[0], list(calib.split(spec.chunk_size)))
+    results: list[dict[str, QuantizedLinear]] = [{} for _ in models]
+    what = spec.method + (f", {len(models)} checkpoints" if len(models) > 1 else "")
+    bar = tqdm(range(len(layers[0])), desc=f"quantize ({what})", unit="layer", disable=not progress)
+    for i in bar:
+        copies = [model_layers[i] for model_layers in layers]
+        sparses = [_sparse(arch, spec, keep[i] if keep is not None else None) for keep in kept]
         if not rtn:
-            inputs = _search_layer(layer, arch, inputs, calls[i], spec, sparse)
-        for name, linear in arch.layer_linears(layer).items():
-            result[f"model.layers.{i}.{name}"] = _quantize_linear(linear, arch, spec, sparse.get(name), name)
-    return result
+            inputs = _search_layer(copies, arch, inputs, calls[i], spec, sparses)
+        for layer, sparse, result in zip(copies, sparses, results, strict=True):
+            for name, linear in arch.layer_linears(layer).items():
+                result[f"model.layers.{i}.{name}"] = _quantize_linear(
+                    linear, arch, spec, sparse.get(name), name
+                )
+    return results
 
 
 def _sparse(arch: Architecture, spec: QuantSpec, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -150,21 +174,27 @@ def _applies(layer: nn.Module, group: ScalingGroup) -> bool:
 
 
 def _scale_search(
-    layer: nn.Module, arch: Architecture, group: ScalingGroup, calls: _Calls, aware: dict[str, torch.Tensor]
+    layer: nn.Module,
+    arch: Architecture,
+    group: ScalingGroup,
+    inputs: list[torch.Tensor],
+    rest: list[tuple[tuple, dict]],
+    aware: dict[str, torch.Tensor],
 ) -> ScaleSearch:
-    """A table entry bound to this layer's modules and captured activations."""
+    """A table entry bound to this layer's modules and captured activations (`inputs` is bound, not
+    copied: the caller divides it by the chosen scales)."""
     parent = layer.get_submodule(group.parent)
 
     def inspect(chunk: int, x: torch.Tensor) -> torch.Tensor:
-        rest, kw = calls.rest[chunk]
-        return _first(parent(x, *rest, **kw))
+        args, kw = rest[chunk]
+        return _first(parent(x, *args, **kw))
 
     kept = {name: aware[name] for name in group.balance if name in aware}
     return ScaleSearch(
         group.name,
         layer.get_submodule(group.smooth),
         [layer.get_submodule(name) for name in group.balance],
-        calls.inputs,
+        inputs,
         inspect,
         arch.norm_weight_offset,
         keep_rows={layer.get_submodule(n): k for n, k in kept.items() if arch.neuron_dim(n) == "rows"},
@@ -172,48 +202,79 @@ def _scale_search(
     )
 
 
+def _equal_everywhere(modules: list[nn.Module], inputs: list[list[torch.Tensor]]) -> bool:
+    """True when every copy's module has the same parameters and the same input tensors as the first's."""
+    first = list(modules[0].parameters())
+    same_weights = all(
+        all(torch.equal(a, b) for a, b in zip(first, module.parameters(), strict=True))
+        for module in modules[1:]
+    )
+    return same_weights and all(all(a is b for a, b in zip(inputs[0], x, strict=True)) for x in inputs[1:])
+
+
 def _search_layer(
-    layer: nn.Module,
+    copies: list[nn.Module],
     arch: Architecture,
     inputs: list[torch.Tensor],
     calls: _Calls,
     spec: QuantSpec,
-    sparse: dict[str, torch.Tensor],
+    sparses: list[dict[str, torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """AWQ on one layer: capture its activations, search and fold the scales, search and apply clipping.
-    Returns the layer's float outputs, the next layer's inputs."""
+    """AWQ on one layer, in each copy (its own kept neurons): capture its activations, search and fold the
+    scales, search and apply clipping; searches nothing tells apart run once. Returns the layer's float
+    outputs, the next layer's inputs."""
     parents = {group.parent: _Calls() for group in arch.scaling}
     handles = [
-        layer.get_submodule(name).register_forward_pre_hook(c.hook, with_kwargs=True)
+        copies[0].get_submodule(name).register_forward_pre_hook(c.hook, with_kwargs=True)
         for name, c in parents.items()
     ]
-    try:
-        outputs = [_first(layer(x, *rest, **kw)) for x, (rest, kw) in zip(inputs, calls.rest, strict=True)]
+    try:  # every copy is still the float layer here
+        outputs = [
+            _first(copies[0](x, *rest, **kw)) for x, (rest, kw) in zip(inputs, calls.rest, strict=True)
+        ]
     finally:
         for h in handles:
             h.remove()
 
-    aware = sparse if spec.search_aware else {}
+    # Each copy's linears see their inputs in its own scaled space: per copy, its own list per parent (the
+    # same tensors until a search that differs between copies divides them).
+    inputs_of = [{name: list(c.inputs) for name, c in parents.items()} for _ in copies]
+    awares = [sparse if spec.search_aware else {} for sparse in sparses]
     for group in arch.scaling:
-        if not _applies(layer, group):
+        if not _applies(copies[0], group):
             continue
-        search = _scale_search(layer, arch, group, parents[group.parent], aware)
-        scales = search_scales(search, spec.group_size, spec.n_grid, spec.duo_scaling)
-        apply_scales(search, scales)
-        # The balanced linears now hold s-scaled weights, so their inputs are divided by s to match (these
-        # lists are the clip search's inputs below).
-        for j, x in enumerate(search.inputs):
-            search.inputs[j] = x / scales.to(x.dtype)
+        searches = [
+            _scale_search(layer, arch, group, own[group.parent], parents[group.parent].rest, aware)
+            for layer, own, aware in zip(copies, inputs_of, awares, strict=True)
+        ]
+        shared = not any(s.keep_rows or s.keep_cols for s in searches) and _equal_everywhere(
+            [layer.get_submodule(group.parent) for layer in copies], [s.inputs for s in searches]
+        )
+        if shared:
+            scales = search_scales(searches[0], spec.group_size, spec.n_grid, spec.duo_scaling)
+            divided = [x / scales.to(x.dtype) for x in searches[0].inputs]
+        for search in searches:
+            if not shared:
+                scales = search_scales(search, spec.group_size, spec.n_grid, spec.duo_scaling)
+                divided = [x / scales.to(x.dtype) for x in search.inputs]
+            apply_scales(search, scales)
+            # The balanced linears now hold s-scaled weights, so their inputs are divided by s to match
+            # (these lists are the clip search's inputs below).
+            search.inputs[:] = divided
 
     balanced_by = {name: group.parent for group in arch.scaling for name in group.balance}
     for name in arch.clip:
-        linear, keep = layer.get_submodule(name), sparse.get(name)
+        linears = [layer.get_submodule(name) for layer in copies]
+        own_inputs = [own[balanced_by[name]] for own in inputs_of]
         cols = name in arch.neuron_dims and arch.neuron_dim(name) == "cols"
-        max_val = search_clip(
-            linear, parents[balanced_by[name]].inputs, spec.group_size, aware.get(name) if cols else None
-        )
-        # Kept weights are never clipped: the residual restores them as they were, in either mode.
-        apply_clip(linear, max_val, spec.group_size, keep if cols else None, None if cols else keep)
+        shared = all(name not in sparse for sparse in sparses) and _equal_everywhere(linears, own_inputs)
+        max_val = None
+        for linear, x, sparse, aware in zip(linears, own_inputs, sparses, awares, strict=True):
+            keep = sparse.get(name)
+            if max_val is None or not shared:
+                max_val = search_clip(linear, x, spec.group_size, aware.get(name) if cols else None)
+            # Kept weights are never clipped: the residual restores them as they were, in either mode.
+            apply_clip(linear, max_val, spec.group_size, keep if cols else None, None if cols else keep)
     return outputs
 
 

@@ -134,11 +134,18 @@ def quantize_vocab(
     w = weight.detach().float()
     searched = clip_weight(w, spec.bits, spec.group_size, importance) if clip else w
     quant = quantize_groups(searched, spec.group_size, bits=spec.bits)
+    return with_kept_rows(QuantizedVocab(quant, spec.bits), weight, kept)
+
+
+def with_kept_rows(codes: QuantizedVocab, weight: torch.Tensor, kept: torch.Tensor | None) -> QuantizedVocab:
+    """`codes` (a vocabulary matrix quantized with no kept rows) with the `kept` rows of the float `weight`
+    made exact by their FP16 residuals."""
     if kept is None or not kept.numel():
-        return QuantizedVocab(quant, spec.bits)
-    rows = GroupQuant(quant.codes[kept], quant.zeros[kept], quant.scales[kept], spec.group_size)
-    residual = w[kept] - rows.dequantize()
-    return QuantizedVocab(quant, spec.bits, kept, residual.half())
+        return QuantizedVocab(codes.quant, codes.bits)
+    quant = codes.quant
+    rows = GroupQuant(quant.codes[kept], quant.zeros[kept], quant.scales[kept], quant.group_size)
+    residual = weight.detach().float()[kept] - rows.dequantize()
+    return QuantizedVocab(quant, codes.bits, kept, residual.half())
 
 
 def vocab_section(spec: VocabSpec, kept: torch.Tensor | None, selection: str) -> dict[str, Any]:
