@@ -3,7 +3,7 @@ quantized vocabulary (rows = tokens: the embedding lookup and the LM head's logi
 AutoAWQ layout at load, the decoder's W4 linears (rows = output channels), all computed in fp32.
 
 The C++ source is compiled on first use with the machine's compiler for the machine's own CPU
-(`-march=native`: AVX-512 where there is one, portable loops elsewhere) and cached by torch under
+(`-march=native`: AVX-512 where there is one, else AVX2, else portable loops) and cached by torch under
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), keyed by the source, torch's version and the
 CPU's flags, so a cache is never reused on another CPU. Compiling takes about a minute on 2 cores, once.
 
