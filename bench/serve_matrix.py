@@ -4,7 +4,7 @@ machine.
 Each configuration is one server process: `lape-awq serve` with one checkpoint, or a peer (bench/peers.py):
 stock `vllm serve` on our AWQ-opt checkpoint, llama.cpp's `llama-server` on the GGUF the default model
 comes from. They start one after another and all stay alive (so each peak memory is its own), but only
-the one being measured runs: the others are paused (SIGSTOP), because an idle vLLM server still spins
+the one being measured runs: the others are paused (SIGSTOP), because an idle vLLM server can keep polling
 on the CPU. The load (`lape-awq bench load`'s closed loop, streaming, fixed-seed Korean and English
 prompts, the same for every server) runs in rounds: every concurrency on every configuration, the order
 reversed every other round, so a slow phase of a noisy machine hits every configuration alike. Each

@@ -70,8 +70,8 @@ class ChildServer:
         return nonblank[-1][-500:] if nonblank else "(no output)"
 
     def pause(self) -> None:
-        """SIGSTOP to the whole process group. An idle vLLM server still polls (its engine core and worker
-        spin), so a benchmark stops the servers it is not measuring; a paused server uses no CPU."""
+        """SIGSTOP to the whole process group. An idle vLLM server can keep polling (its engine core and
+        worker spin), so a benchmark stops the servers it is not measuring; a paused server uses no CPU."""
         os.killpg(self.process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
