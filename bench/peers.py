@@ -3,9 +3,9 @@
 - `lape-awq`: `lape-awq serve` with one checkpoint (ours: routing, leases, metrics, hot swap).
 - `vllm`: stock `vllm serve` (vLLM's own server entry point) on the same checkpoint (our plugin makes vLLM
   load it) with exactly the engine options `lape-awq serve` gives that checkpoint (server/engines.py's
-  `vllm_serve_argv`), so the difference is the server layer alone. vLLM 0.32's `vllm serve` is
-  multi-process whatever VLLM_ENABLE_V1_MULTIPROCESSING says (its async engine client has no in-process
-  mode).
+  `vllm_serve_argv`) and engine environment (`cpu_engine_env`), so the difference is the server layer
+  alone. vLLM 0.32's `vllm serve` is multi-process whatever VLLM_ENABLE_V1_MULTIPROCESSING says (its
+  async engine client has no in-process mode).
 - `llama.cpp`: llama.cpp's own `llama-server` (slots + continuous batching; llama-cpp-python's Python
   server answers one request at a time) on the GGUF the default model was converted from, with as many
   threads as vLLM uses here (every core) and one slot per client. Built by bench/install_llama_cpp.sh.
@@ -93,7 +93,7 @@ def start_server(
         return ServeProcess([(name, target)], ["--quiet", *options.lape_awq_args(quantization)], log)
     port = free_port()
     if server == "vllm":
-        from lape_awq.server.engines import EngineOptions, read_model_config, vllm_serve_argv
+        from lape_awq.server.engines import EngineOptions, cpu_engine_env, read_model_config, vllm_serve_argv
 
         engine = EngineOptions(
             dtype=options.dtype,
@@ -109,7 +109,8 @@ def start_server(
         # 0.32.0: it asks for the version of a distribution named `vllm`, which that wheel is not.
         command = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv]
         command += ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
-        return ChildServer(command, log, port, "/health", _without_kv_env())
+        # The engine environment `lape-awq serve` sets for itself (small CPUs: no reserved core).
+        return ChildServer(command, log, port, "/health", {**_without_kv_env(), **cpu_engine_env(1)})
     if server == "llama.cpp":
         binary = llama_cpp_tool("llama-server", options.llama_server)
         slots = options.max_num_seqs

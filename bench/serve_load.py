@@ -199,7 +199,11 @@ async def run_load(
             request["ignore_eos"] = True
         return request
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request, for every server alike: llama-server closes kept-alive connections
+    # on its own schedule, and a request sent on one it just closed failed as "Server disconnected without
+    # sending a response" (8 of 42 single-client requests, serve_matrix_2026-12-07). On loopback a connect
+    # costs well under a millisecond.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         await asyncio.gather(*(stream_one(client, url, body(), headers) for _ in range(warmup)))
         samples: list[RequestSample] = []

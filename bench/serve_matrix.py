@@ -334,6 +334,10 @@ def how_run(record: dict[str, Any]) -> list[str]:
             continue
         words = [Path(w).name if w.startswith("/") else w for w in entry["command"]]
         out.append(f"{entry['name']} ({entry.get('server', 'lape-awq')}): `{' '.join(words)}`")
+    engine_env = record["settings"].get("engine_env")
+    if out and engine_env:
+        settings = " ".join(f"{k}={v}" for k, v in engine_env.items())
+        out.append(f"vLLM engines (ours and stock vLLM): `{settings}` (`lape-awq serve` on small CPUs)")
     return out
 
 
@@ -470,6 +474,8 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "seed": args.seed,
     }
+    from lape_awq.server.engines import cpu_engine_env
+
     header = result_header("serve_matrix")  # when the run started
     with tempfile.TemporaryDirectory(prefix="lape-awq-bench-serve-") as tmp:
         result = run_matrix(
@@ -484,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
             **load,
             "server_options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
             "isolation": "only the measured server runs; the others are paused (SIGSTOP)",
+            "engine_env": cpu_engine_env(1),  # ours sets it for itself, the stock vLLM peer is given it
             "prompts": "packaged Korean judge questions + English prompts, seeded",
         },
         **result,

@@ -234,6 +234,20 @@ class LlamaCppEngine:
         return out
 
 
+def stock_awq_unavailable() -> str | None:
+    """Why stock vLLM AWQ cannot run here, or None: on CPU it needs `cpu_gemm_wna16`, which vLLM ships in
+    its AVX-512 library only."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if torch.cuda.is_available():
+        return None
+    current_platform.import_kernels()
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None
+    return "stock vLLM AWQ on CPU needs cpu_gemm_wna16, which vLLM builds for AVX-512 CPUs only"
+
+
 def measure_group(plan: list[tuple[str, Path, str, str | None, bool]]) -> list[dict[str, float]]:
     """Start every engine of one model, then REPEATS rounds over them (order reversed every other round),
     so slow phases of a noisy machine hit every method alike; medians per engine. A plan entry whose
@@ -352,6 +366,13 @@ def run(args: argparse.Namespace) -> int:
             plans["gemma3-270m"] = [p for p in plans["gemma3-270m"] if p[3] != LLAMA_CPP]
             skipped.append({"model": "gemma3-270m", "method": "llama.cpp", "reason": str(missing)})
             print(f"  llama.cpp row skipped: {missing}", flush=True)
+        no_stock_awq = stock_awq_unavailable()
+        if no_stock_awq:
+            for model, plan in plans.items():
+                if any(method == "stock vllm awq" for method, *_ in plan):
+                    plans[model] = [p for p in plan if p[0] != "stock vllm awq"]
+                    skipped.append({"model": model, "method": "stock vllm awq", "reason": no_stock_awq})
+            print(f"  stock vllm awq rows skipped: {no_stock_awq}", flush=True)
         for model, plan in plans.items():
             print(f"{model}: {len(plan)} engines, {REPEATS} rounds", flush=True)
             engines = [(m, paths[model][c], *rest) for m, c, *rest in plan]

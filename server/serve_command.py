@@ -93,7 +93,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lape_awq.server.app import ServerSettings, create_app
-    from lape_awq.server.engines import EngineOptions
+    from lape_awq.server.engines import EngineOptions, cpu_engine_env
 
     try:
         options = EngineOptions(
@@ -119,5 +119,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         log_prompts=args.log_prompts,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_env = cpu_engine_env(args.tensor_parallel_size)
+    if engine_env:  # inherited by every engine process this server starts
+        logging.getLogger(__name__).info("small CPU: engines run with %s", engine_env)
+        os.environ.update(engine_env)
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

@@ -1,17 +1,32 @@
 """A stand-in for llama.cpp's `llama-server` in tests: a tiny OpenAI-compatible chat server on the flags the
 serving benchmark passes (bench/peers.py). It streams `max_tokens` Korean words, one chunk each, then the
 usage chunk; it answers 404 for a model name other than its --alias, and writes its argv next to the GGUF
-(`<model>.argv.json`) so a test can check how it was started."""
+(`<model>.argv.json`) so a test can check how it was started. Its `/completion` route answers llama.cpp's
+top log-probabilities (`n_probs`) of `fake_logits` over a VOCAB-token vocabulary."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 WORD = "안녕 "
+VOCAB = 64
+
+
+def fake_logits(prompt: list[int]) -> list[float]:
+    """The next-token logits this stand-in model gives after `prompt`."""
+    return [3.0 * math.cos(token + 0.37 * sum(prompt)) for token in range(VOCAB)]
+
+
+def top_logprobs(prompt: list[int], n: int) -> list[dict]:
+    logits = fake_logits(prompt)
+    log_total = math.log(sum(math.exp(z) for z in logits))
+    ranked = sorted(range(VOCAB), key=lambda t: -logits[t])[:n]
+    return [{"id": t, "token": f"<{t}>", "logprob": logits[t] - log_total} for t in ranked]
 
 
 def main() -> None:
@@ -48,6 +63,11 @@ def main() -> None:
 
         def do_POST(self) -> None:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/completion":
+                prompt, n = request["prompt"], int(request.get("n_probs", 0))
+                probs = [{"id": 0, "token": "<0>", "top_logprobs": top_logprobs(prompt, n)}]
+                self._json(200, {"tokens_evaluated": len(prompt), "completion_probabilities": probs})
+                return
             if self.path != "/v1/chat/completions" or request.get("model") != args.alias:
                 self._json(404, {"error": {"message": f"model {request.get('model')!r} not found"}})
                 return

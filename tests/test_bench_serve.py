@@ -14,11 +14,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from fake_llama_server import VOCAB, fake_logits
 from server_models import write_scripted_quantized_pair
 
 from lape_awq.bench.peers import PeerMissing, ServerOptions, start_server
 from lape_awq.bench.serve_matrix import ServeConfig, run_matrix
 from lape_awq.quant.errors import UserError
+from lape_awq.server.engines import cpu_engine_env
 from lape_awq.server.serve_process import ChildServer
 
 MAX_TOKENS = 8
@@ -133,6 +136,11 @@ def test_matrix_runs_every_cell_twice_and_reports_memory_peers_and_the_skipped_c
     assert "| awq-opt / peer | clients |" in table
     assert all(f"| {peer} | {c} |" in table for peer in ("vllm", "llama.cpp") for c in (1, 2))
     assert "- llama.cpp (llama.cpp): `llama-server --model model.gguf --alias llama.cpp" in table
+    # ours and the stock vLLM peer ran one engine environment, and the table says which
+    engine_env = cpu_engine_env(1)
+    assert record["settings"]["engine_env"] == engine_env
+    if engine_env:
+        assert "- vLLM engines (ours and stock vLLM): `VLLM_CPU_NUM_OF_RESERVED_CPU=0`" in table
     png = stem.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
@@ -175,3 +183,71 @@ def test_a_missing_peer_is_reported_with_how_to_install_it(tmp_path: Path, monke
     load = {"duration": 1.0, "warmup": 0, "max_tokens": 2, "seed": 0}
     with pytest.raises(UserError, match="no configuration could be served: llama-server not found"):
         run_matrix([config], [1], 1, load, ServerOptions(), 10.0, tmp_path)
+
+
+class ShiftedModel(torch.nn.Module):
+    """The stand-in llama-server's model with one token's logit raised: our side of the comparison."""
+
+    SHIFTED_TOKEN, SHIFT = 5, 2.5
+
+    def forward(self, input_ids: torch.Tensor):
+        logits = torch.tensor(fake_logits(input_ids[0].tolist()), dtype=torch.float64)
+        logits[self.SHIFTED_TOKEN] += self.SHIFT
+        return type("Output", (), {"logits": logits.view(1, 1, -1).expand(1, input_ids.shape[1], -1)})
+
+
+def test_gguf_agreement_compares_llama_cpp_top_tokens_with_our_log_softmax(tmp_path: Path) -> None:
+    from lape_awq.bench.gguf_agreement import TOP, compare
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    options = ServerOptions(llama_server=fake_llama_server(tmp_path), max_num_seqs=1)
+    server = start_server("llama.cpp", "gguf", gguf, "auto", options, tmp_path / "llama.log")
+    prompts = [[2, *range(start, start + 9)] for start in range(12)]
+    try:
+        assert server.wait_ready(60) is None
+        result = compare(ShiftedModel(), server.root, prompts)
+    finally:
+        server.stop()
+    # the reference, in float64 from the same logits: llama.cpp's top tokens, our log-softmax at them
+    gaps, top1, mass_llama, mass_ours = [], [], [], []
+    for prompt in prompts:
+        theirs = torch.log_softmax(torch.tensor(fake_logits(prompt), dtype=torch.float64), -1)
+        ours = torch.log_softmax(ShiftedModel()(torch.tensor([prompt])).logits[0, -1], -1)
+        top = theirs.argsort(descending=True)[:TOP]
+        gaps.append((theirs[top] - ours[top]).abs())
+        top1.append(bool(ours.argmax() == top[0]))
+        mass_llama.append(float(theirs[top].exp().sum()))
+        mass_ours.append(float(ours[top].exp().sum()))
+    every = torch.cat(gaps)
+    assert 0 < sum(top1) < len(prompts)  # the raised token wins some positions: both cases are counted
+    assert result["positions"] == len(prompts)
+    assert result["top1_agreement"] == pytest.approx(sum(top1) / len(prompts))
+    assert result["mean_abs_logprob_gap"] == pytest.approx(float(every.mean()), rel=1e-9)
+    assert result["max_abs_logprob_gap"] == pytest.approx(float(every.max()), rel=1e-9)
+    assert result["top1_abs_logprob_gap_mean"] == pytest.approx(
+        float(torch.stack([g[0] for g in gaps]).mean())
+    )
+    assert result["top_mass_llama_cpp"] == pytest.approx(sum(mass_llama) / len(prompts), rel=1e-9)
+    assert result["top_mass_ours"] == pytest.approx(sum(mass_ours) / len(prompts), rel=1e-9)
+    assert VOCAB > TOP
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_serves_the_default_gguf_through_the_matrix(tmp_path: Path) -> None:
+    """When llama.cpp is installed (make install-peers): its llama-server on the default GGUF, one short
+    matrix cell, answers counted by the same client as ours."""
+    from lape_awq.bench.peers import llama_cpp_tool
+    from lape_awq.quant.default_model import default_gguf
+
+    try:
+        llama_cpp_tool("llama-server")
+    except PeerMissing as missing:
+        pytest.skip(str(missing))
+    config = ServeConfig("llama.cpp", default_gguf(), "auto", "llama.cpp")
+    load = {"duration": 5.0, "warmup": 1, "max_tokens": 16, "seed": 0}
+    result = run_matrix([config], [1, 2], 1, load, ServerOptions(max_num_seqs=2), 300.0, tmp_path)
+    assert [c["status"] for c in result["configs"]] == ["ok"]
+    for run in result["runs"]:
+        assert run["summary"]["failed"] == 0 and run["summary"]["completed"] > 0
+        assert all(sample["output_tokens"] > 0 for sample in run["samples"])

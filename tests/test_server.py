@@ -135,6 +135,23 @@ def metric(server: Server, name: str, **labels: str) -> float:
 # --- the OpenAI surface -------------------------------------------------------------------------------
 
 
+def test_engines_on_a_small_cpu_compute_on_every_core(server: Server) -> None:
+    """`lape-awq serve` gives vLLM's CPU engines every core of a small CPU (no core reserved for the
+    scheduler): vLLM's own binding report, in the server log, for each engine."""
+    from lape_awq.server.engines import cpu_engine_env
+
+    if not cpu_engine_env(1):
+        pytest.skip("not a small CPU, or the binding is set in the environment: vLLM's default applies")
+    log = server.log.read_text(errors="replace")
+    cores = sorted(os.sched_getaffinity(0))
+    reserved = re.findall(r"reserve_cpu_num=(\d+)", log)
+    bound = re.findall(r"local_rank=0, core ids=(\[[\d, ]*\])", log)
+    worker_threads = re.findall(r"leaving Torch threads at (\d+)", log)
+    assert len(reserved) >= 3, log[-3000:]  # korean-chat, tiny-opt, bytes (and any loaded since)
+    assert set(reserved) == {"0"} and set(bound) == {str(cores)}
+    assert len(worker_threads) == len(reserved) and set(worker_threads) == {str(len(cores))}
+
+
 def test_models_lists_every_checkpoint_with_method_and_state(client: openai.OpenAI, server: Server) -> None:
     models = {m.id: m.model_dump() for m in client.models.list().data}
     assert set(models) == {"korean-chat", "tiny-opt", "bytes"}

@@ -189,3 +189,28 @@ def test_a_checkpoint_or_options_vllm_cannot_take_is_a_load_error(tmp_path, conf
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(LoadError, match=message):
         asyncio.run(start_engine("x", tmp_path, options))
+
+
+@pytest.mark.parametrize(
+    ("cores", "tensor_parallel", "environ", "expected"),
+    [
+        (2, 1, {}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+        (4, 1, {"PATH": "/bin"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+        (16, 1, {}, {}),  # a reserved core is a small share of a big CPU: vLLM's default stands
+        (2, 2, {}, {}),  # tensor parallel: the user binds ranks to cores
+        (2, 1, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, {}),  # the user's own choices win
+        (2, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {}),
+    ],
+)
+def test_small_cpus_reserve_no_core_for_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch, cores: int, tensor_parallel: int, environ: dict, expected: dict
+) -> None:
+    import os
+
+    import torch
+
+    from lape_awq.server.engines import cpu_engine_env
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cpu_engine_env(tensor_parallel, environ) == expected
