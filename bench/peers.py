@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lape_awq.server.serve_process import ChildServer, ServeProcess, free_port
+from lape_awq.server.serve_process import ChildServer, ServeProcess, free_port, vllm_child_env
 
 SERVERS = ("lape-awq", "vllm", "llama.cpp")
 INSTALL_LLAMA_CPP = (
@@ -79,11 +79,6 @@ def llama_cpp_tool(name: str, explicit: Path | None = None) -> Path:
     raise PeerMissing(f"{name} not found (neither {built} nor on PATH); install it with {INSTALL_LLAMA_CPP}")
 
 
-def _without_kv_env() -> dict[str, str]:
-    # The KV cache is set by a flag; an inherited VLLM_CPU_KVCACHE_SPACE would override it.
-    return {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-
-
 def start_server(
     server: str, name: str, target: Path, quantization: str, options: ServerOptions, log: Path
 ) -> ChildServer:
@@ -110,7 +105,7 @@ def start_server(
         command = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv]
         command += ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
         # The engine environment `lape-awq serve` sets for itself (small CPUs: no reserved core).
-        return ChildServer(command, log, port, "/health", {**_without_kv_env(), **cpu_engine_env(1)})
+        return ChildServer(command, log, port, "/health", {**vllm_child_env(), **cpu_engine_env(1)})
     if server == "llama.cpp":
         binary = llama_cpp_tool("llama-server", options.llama_server)
         slots = options.max_num_seqs

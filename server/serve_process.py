@@ -89,6 +89,12 @@ class ChildServer:
         self.process.wait()
 
 
+def vllm_child_env() -> dict[str, str]:
+    """This process's environment for a vLLM server child whose KV cache is set by a flag: without an
+    inherited VLLM_CPU_KVCACHE_SPACE, which would override the flag."""
+    return {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+
+
 class ServeProcess(ChildServer):
     """`lape-awq serve --model NAME=CHECKPOINT ...` on 127.0.0.1 (`port` 0: a free one), output to `log`."""
 
@@ -100,6 +106,4 @@ class ServeProcess(ChildServer):
         command += ["--port", str(port), *serve_args]
         for name, checkpoint in models:
             command += ["--model", f"{name}={checkpoint}"]
-        # The serve flag sets the KV cache; an inherited VLLM_CPU_KVCACHE_SPACE would override it.
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-        super().__init__(command, log, port, "/health", env)
+        super().__init__(command, log, port, "/health", vllm_child_env())
