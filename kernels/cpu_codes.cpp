@@ -3,11 +3,15 @@
 //   code_rows:   rows `ids` of W (the embedding lookup), fp32 [T, K]
 //   code_matmul: x @ W.T (the LM head's logits, a W4 linear), fp32 [M, N], fp32 accumulation
 // Every weight is dequantized as the torch reference does it, (q - z) * s in fp32, plus the kept row's
-// residual; only the order of the dot products' sums differs. With AVX-512 a 4-bit group's 16 possible
-// weights are one register, and each code picks its weight with one permute (no int -> float conversion);
-// with AVX2 (+ FMA, F16C: every AVX2 CPU) codes are widened 8 at a time; elsewhere plain loops.
-// Up to kDirectRows activation rows (decode) the product streams the codes once, memory-bound; more rows
-// go through tiles of dequantized rows and the BLAS GEMM.
+// residual; only the order of the dot products' sums differs. Two exceptions to "as the reference": with
+// AVX2 one activation row (decode at batch 1) uses the group-sum form s * (sum q x - z * sum x), which
+// moves the subtract and multiply out of the inner loop (an exact identity; only rounding differs).
+// With AVX-512 a 4-bit group's 16 possible weights are one register, and each code picks its weight with one
+// permute (no int -> float conversion); with AVX2 (+ FMA, F16C: every AVX2 CPU) 32 codes are widened at a
+// time; elsewhere plain loops.
+// Up to kDirectRows activation rows (decode) the product streams the codes once, each block of weights
+// feeding every activation row from registers; more rows go through L2-sized tiles of dequantized rows and
+// the BLAS GEMM, one tile per task.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -27,12 +31,11 @@ namespace {
 
 // Activation rows per pass over a vocabulary row (their accumulators stay in registers).
 constexpr int64_t kRowsPerPass = 8;
-// More activation rows than this go through the GEMM path (measured: beyond 16, x leaves L1 and the
-// direct path falls behind).
+// More activation rows than this go through the GEMM path (measured on AVX2 and AVX-512: beyond 16 the
+// direct path falls behind the tiles).
 constexpr int64_t kDirectRows = 16;
-// Rows of W per dequantized tile on the GEMM path (10 MiB at K = 640): a decoder linear is one tile, the
-// vocabulary 64; each tile is dequantized by every thread, then multiplied by the multithreaded GEMM.
-constexpr int64_t kGemmTile = 4096;
+// Bytes of dequantized W per task on the GEMM path: a tile that stays in the core's L2 while the GEMM reads it.
+constexpr int64_t kTileBytes = 256 * 1024;
 
 struct Codes {
   const uint8_t* codes;
@@ -74,10 +77,14 @@ struct Codes {
 #elif defined(LAPE_AWQ_AVX2)
     for (int64_t g = 0; g < groups; ++g) {
       const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
-      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-        __m256 w = weights8(q, k, sv, zv);
-        if (res != nullptr) w = _mm256_add_ps(w, load_half8(res + k));
-        _mm256_storeu_ps(out + k, w);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        __m256 c[4];
+        codes32(q, k, c);
+        for (int j = 0; j < 4; ++j) {
+          __m256 w = _mm256_mul_ps(_mm256_sub_ps(c[j], zv), sv);
+          if (res != nullptr) w = _mm256_add_ps(w, load_half8(res + k + 8 * j));
+          _mm256_storeu_ps(out + k + 8 * j, w);
+        }
       }
     }
 #else
@@ -104,26 +111,61 @@ struct Codes {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 
-  // The 8 weights k .. k + 7 (k a multiple of 8) of a row: (c - z) * s, as the reference computes them.
-  __m256 weights8(const uint8_t* q, int64_t k, __m256 sv, __m256 zv) const {
-    __m128i bytes;
-    if (bits == 4) {  // a block of 32 codes is 16 bytes: codes 0-15 in the low nibbles, 16-31 in the high
-      const int64_t in_block = k % 32;
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (k / 32) * 16 + in_block % 16));
-      const __m128i low = _mm_set1_epi8(0x0F);
-      bytes = in_block < 16 ? _mm_and_si128(b, low) : _mm_and_si128(_mm_srli_epi16(b, 4), low);
-    } else {
-      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
-    }
-    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-    return _mm256_mul_ps(_mm256_sub_ps(c, zv), sv);
-  }
-
   static float sum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
+  }
+
+  // The 32 codes k .. k + 31 (k a multiple of 32) of a row as four vectors of 8 floats.
+  void codes32(const uint8_t* q, int64_t k, __m256 c[4]) const {
+    __m128i lo, hi;
+    if (bits == 4) {  // 16 bytes: codes 0-15 in the low nibbles, 16-31 in the high ones
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      lo = _mm_and_si128(b, mask);
+      hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    } else {
+      lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+      hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16));
+    }
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+
+  // Row v's logit for one activation row x (decode), in the group-sum form
+  //   sum_g s_g * (sum_{k in g} c_k x_k - z_g * xsum_g),   xsum_g = sum_{k in g} x_k (given),
+  // which drops the per-weight subtract and multiply: the codes go straight into the FMAs, and four
+  // accumulators keep the FMA latency hidden. Only the order of the sums differs from (c - z) * s . x.
+  float logit1(int64_t v, const float* x, const float* xsum) const {
+    const uint8_t* q = codes + v * width;
+    const float* s = scales + v * groups;
+    const float* z = zeros + v * groups;
+    __m256 total = _mm256_setzero_ps();
+    float zero_term = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        __m256 c[4];
+        codes32(q, k, c);
+        a0 = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(x + k + 24), a3);
+      }
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+      total = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), sum, total);
+      zero_term += s[g] * z[g] * xsum[g];
+    }
+    if (const at::Half* res = kept_residual(v)) {
+      for (int64_t k = 0; k < hidden; k += 8) {
+        total = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_half8(res + k), total);
+      }
+    }
+    return sum8(total) - zero_term;
   }
 #endif
 
@@ -174,22 +216,34 @@ struct Codes {
     }
     for (int m = 0; m < MT; ++m) y[m * ystride] = _mm512_reduce_add_ps(acc[m]);
 #elif defined(LAPE_AWQ_AVX2)
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    // Each block of 32 weights is dequantized once and feeds 4 * MT FMAs from registers (4 weight vectors +
+    // MT * A accumulators + 1 <= 16 ymm); A accumulators per activation row hide the FMA latency when MT is
+    // small.
+    constexpr int A = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
+    __m256 acc[MT][A];
+    for (int c = 0; c < MT; ++c)
+      for (int a = 0; a < A; ++a) acc[c][a] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
-      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-        const __m256 w = weights8(q, k, sv, zv);
-        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * hidden + k), w, acc[m]);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        __m256 w[4];
+        codes32(q, k, w);
+        for (int j = 0; j < 4; ++j) {
+          w[j] = _mm256_mul_ps(_mm256_sub_ps(w[j], zv), sv);
+          if (res != nullptr) w[j] = _mm256_add_ps(w[j], load_half8(res + k + 8 * j));
+        }
+        for (int c = 0; c < MT; ++c) {
+          for (int j = 0; j < 4; ++j) {
+            acc[c][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + c * hidden + k + 8 * j), acc[c][j % A]);
+          }
+        }
       }
     }
-    if (res != nullptr) {
-      for (int64_t k = 0; k < hidden; k += 8) {
-        const __m256 r = load_half8(res + k);
-        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * hidden + k), r, acc[m]);
-      }
+    for (int c = 0; c < MT; ++c) {
+      __m256 sum = acc[c][0];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[c][a]);
+      y[c * ystride] = sum8(sum);
     }
-    for (int m = 0; m < MT; ++m) y[m * ystride] = sum8(acc[m]);
 #else
     thread_local std::vector<float> w;  // one buffer per thread, not one allocation per row
     w.resize(hidden);
@@ -296,23 +350,44 @@ torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
   const float* xp = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
   if (m_rows > kDirectRows) {
-    // Many activation rows: dequantize a tile of W's rows (kept residuals included) with every thread,
-    // then let the multithreaded BLAS GEMM reuse it across all of them.
-    torch::Tensor tile = torch::empty({std::min(kGemmTile, rows), hidden}, x.options());
-    float* buffer = tile.data_ptr<float>();
-    for (int64_t v0 = 0; v0 < rows; v0 += kGemmTile) {
-      const int64_t n = std::min(kGemmTile, rows - v0);
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) codes.row(v0 + r, buffer + r * hidden);
-      });
-      torch::Tensor y = out.narrow(1, v0, n);
-      at::mm_out(y, x, tile.narrow(0, 0, n).t());
-    }
+    // Many activation rows: each task dequantizes a tile of W's rows (kept residuals included) into its own
+    // L2-sized buffer and multiplies it by all of x with the BLAS GEMM (single-threaded inside the task).
+    const int64_t tile_rows = std::min(rows, std::max<int64_t>(8, kTileBytes / (hidden * 4)));
+    at::parallel_for(0, (rows + tile_rows - 1) / tile_rows, 1, [&](int64_t begin, int64_t end) {
+      torch::Tensor tile = torch::empty({tile_rows, hidden}, x.options());
+      float* buffer = tile.data_ptr<float>();
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t v0 = t * tile_rows, n = std::min(tile_rows, rows - v0);
+        for (int64_t r = 0; r < n; ++r) codes.row(v0 + r, buffer + r * hidden);
+        torch::Tensor y = out.narrow(1, v0, n);
+        at::mm_out(y, x, tile.narrow(0, 0, n).t());
+      }
+    });
     if (cols > 0) out.addmm_(picked, cols_values);
     return out;
   }
   const float* xc = cols > 0 ? picked.data_ptr<float>() : nullptr;
   const float* cv = cols > 0 ? cols_values.data_ptr<float>() : nullptr;
+  auto add_kept_columns = [&](int64_t v) {  // the kept input channels' term of output v
+    for (int64_t m = 0; m < m_rows && cols > 0; ++m) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < cols; ++j) sum += xc[m * cols + j] * cv[j * rows + v];
+      o[m * rows + v] += sum;
+    }
+  };
+#if defined(LAPE_AWQ_AVX2)
+  if (m_rows == 1) {
+    std::vector<float> xsum(codes.groups, 0.0f);  // each group's sum of x, for the group-sum form
+    for (int64_t k = 0; k < hidden; ++k) xsum[k / codes.group] += xp[k];
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        o[v] = codes.logit1(v, xp, xsum.data());
+        add_kept_columns(v);
+      }
+    });
+    return out;
+  }
+#endif
   // 256 rows per task: enough to hide the parallel overhead, fine enough to balance the cores.
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
@@ -320,11 +395,7 @@ torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
         const int64_t n = std::min(kRowsPerPass, m_rows - m0);
         codes.logits_rows(v, xp + m0 * hidden, n, o + m0 * rows + v, rows);
       }
-      for (int64_t m = 0; m < m_rows && cols > 0; ++m) {  // the kept input channels' term
-        float sum = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) sum += xc[m * cols + j] * cv[j * rows + v];
-        o[m * rows + v] += sum;
-      }
+      add_kept_columns(v);
     }
   });
   return out;

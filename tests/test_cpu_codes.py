@@ -8,6 +8,8 @@ weight exactly as the torch reference does, so it must be bit-identical.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -16,9 +18,15 @@ from lape_awq.kernels.cpu_codes import CodeMatrix
 from lape_awq.kernels.vocab_codes import dense_vocab, pack_codes, to_awq_gemm, unpack_codes
 
 LOGITS_TOLERANCE = 1e-5
-# Up to 16 activation rows run straight from the codes (in passes of 8), more go through tiles and the
-# BLAS GEMM.
-M_VALUES = (1, 3, 8, 9, 16, 17, 40)
+# Up to 16 activation rows run straight from the codes (in passes of 8; one row in the group-sum form on
+# AVX2), more go through tiles and the BLAS GEMM.
+M_VALUES = (1, 2, 3, 5, 8, 9, 16, 17, 40)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch formulas run instead")
+def test_the_kernel_builds_where_there_is_a_compiler() -> None:
+    """Otherwise every test below would quietly check the torch fallback against itself."""
+    assert cpu_codes.kernel_available()
 
 
 def slow_pack4(codes: list[list[int]]) -> list[list[int]]:
@@ -96,6 +104,21 @@ def test_logits_match_float64(case: str, m: int) -> None:
     if kept:  # the kept rows' term is visible at this tolerance
         without = x.double() @ dense_vocab(*vocab_tensors(vocab), bits).T
         assert (without - ref).abs().max() > 100 * LOGITS_TOLERANCE * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 4])
+def test_logits_of_activations_far_from_zero_mean_match_float64(bits: int, m: int) -> None:
+    """One decode row sums q * x and z * sum(x) apart (the group-sum form): activations with a large mean
+    (as after a GELU, or with an outlier channel) make those two terms large and nearly cancel, the case
+    where that form could lose precision."""
+    vocab, dense = random_vocab(700, 640, bits, 128, 5, seed=20 + bits)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(m, 640, generator=gen) + 5.0
+    x[:, 17] = 300.0
+    ref = x.double() @ dense.T
+    err = (cpu_codes.code_matmul(x, vocab).double() - ref).abs().max() / ref.abs().max()
+    assert err <= LOGITS_TOLERANCE, f"normwise error {err:.2e}"
 
 
 def vocab_tensors(vocab: CodeMatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
