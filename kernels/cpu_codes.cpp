@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -353,7 +354,9 @@ torch::Tensor code_matmul(const torch::Tensor& x, const torch::Tensor& qweight,
     // Many activation rows: each task dequantizes a tile of W's rows (kept residuals included) into its own
     // L2-sized buffer and multiplies it by all of x with the BLAS GEMM (single-threaded inside the task).
     const int64_t tile_rows = std::min(rows, std::max<int64_t>(8, kTileBytes / (hidden * 4)));
+    const at::ThreadLocalState caller;  // inference mode etc.: the tasks' torch calls run as the caller's
     at::parallel_for(0, (rows + tile_rows - 1) / tile_rows, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard as_caller(caller);
       torch::Tensor tile = torch::empty({tile_rows, hidden}, x.options());
       float* buffer = tile.data_ptr<float>();
       for (int64_t t = begin; t < end; ++t) {

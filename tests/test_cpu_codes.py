@@ -121,6 +121,19 @@ def test_logits_of_activations_far_from_zero_mean_match_float64(bits: int, m: in
     assert err <= LOGITS_TOLERANCE, f"normwise error {err:.2e}"
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_logits_in_inference_mode(m: int) -> None:
+    """vLLM runs the model under torch.inference_mode(): the GEMM path's tasks write into the output from
+    worker threads, which must run as the caller does."""
+    vocab, dense = random_vocab(*CASES["4-bit-g32-two-gemm-tiles"], seed=3)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        got = cpu_codes.code_matmul(x, vocab)
+    assert got.is_inference()
+    ref = x.double() @ dense.T
+    assert (got.double() - ref).abs().max() <= LOGITS_TOLERANCE * ref.abs().max()
+
+
 def vocab_tensors(vocab: CodeMatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return vocab.qweight, vocab.zeros, vocab.scales.double()
 
