@@ -19,8 +19,8 @@ from lape_awq.kernels.vocab_codes import dense_vocab, pack_codes, to_awq_gemm, u
 
 LOGITS_TOLERANCE = 1e-5
 # Up to 16 activation rows run straight from the codes (in passes of 8; one row in the group-sum form on
-# AVX2), more go through tiles and the BLAS GEMM.
-M_VALUES = (1, 2, 3, 5, 8, 9, 16, 17, 40)
+# AVX2), more go through tiles and the BLAS GEMM: one per task up to 128 rows, one shared tile past that.
+M_VALUES = (1, 2, 3, 5, 8, 9, 16, 17, 40, 130)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch formulas run instead")
@@ -83,7 +83,7 @@ CASES = {
     "4-bit-g32": (333, 64, 4, 32, 0),
     "8-bit-g64-kept": (515, 128, 8, 64, 3),
     "8-bit-g128": (260, 640, 8, 128, 0),
-    "4-bit-g32-two-gemm-tiles": (4100, 64, 4, 32, 5),  # the GEMM path dequantizes 4,096 rows per tile
+    "4-bit-g32-two-gemm-tiles": (4100, 64, 4, 32, 5),  # a shared GEMM tile holds 4,096 rows
 }
 
 
@@ -121,7 +121,7 @@ def test_logits_of_activations_far_from_zero_mean_match_float64(bits: int, m: in
     assert err <= LOGITS_TOLERANCE, f"normwise error {err:.2e}"
 
 
-@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("m", [1, 40, 130])
 def test_logits_in_inference_mode(m: int) -> None:
     """vLLM runs the model under torch.inference_mode(): the GEMM path's tasks write into the output from
     worker threads, which must run as the caller does."""
