@@ -3,7 +3,7 @@
 //   code_rows:   rows `ids` of W (the embedding lookup), fp32 [T, K]
 //   code_matmul: x @ W.T (the LM head's logits, a W4 linear), fp32 [M, N], fp32 accumulation
 // Every weight is dequantized as the torch reference does it, (q - z) * s in fp32, plus the kept row's
-// residual; only the order of the dot products' sums differs. Two exceptions to "as the reference": with
+// residual; only the order of the dot products' sums differs. One exception to "as the reference": with
 // AVX2 one activation row (decode at batch 1) uses the group-sum form s * (sum q x - z * sum x), which
 // moves the subtract and multiply out of the inner loop (an exact identity; only rounding differs).
 // With AVX-512 a 4-bit group's 16 possible weights are one register, and each code picks its weight with one
@@ -32,8 +32,8 @@ namespace {
 
 // Activation rows per pass over a vocabulary row (their accumulators stay in registers).
 constexpr int64_t kRowsPerPass = 8;
-// More activation rows than this go through the GEMM path (measured on AVX2 and AVX-512: beyond 16 the
-// direct path falls behind the tiles).
+// More activation rows than this go through the GEMM path (measured on AVX2, 2 cores: the direct path and
+// the per-task tiles break even at 16 rows; AVX-512, earlier, against the shared tile: the same).
 constexpr int64_t kDirectRows = 16;
 // Up to this many activation rows each task of the GEMM path has its own tile of dequantized W, of
 // kTileBytes: it stays in the core's L2 while the GEMM reads it. Past it (a long prompt) x no longer fits
