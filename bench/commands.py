@@ -19,6 +19,7 @@ from lape_awq.bench import (
     report,
     serve_load,
     serve_matrix,
+    soak,
     vllm_speed,
     vocab_quality,
 )
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "kernels": (kernels, "W4 kernel vs cuBLAS and dequantize+matmul (needs CUDA; skips cleanly without)"),
     "load": (serve_load, "streaming load (closed loop or Poisson) on an OpenAI endpoint: TTFT, TPOT"),
     "serve": (serve_matrix, "the serving matrix: FP / AWQ / AWQ-opt and peers (vLLM, llama.cpp) x clients"),
+    "soak": (soak, "long streaming load with hot swaps, mistakes and disconnects: failures, latency, RSS"),
     "gguf": (
         gguf_agreement,
         "llama.cpp on the default GGUF vs our FP model: next-token log-probs on held-out text",

@@ -33,6 +33,10 @@ class LoadError(Exception):
     """A checkpoint could not be served; the message says why (shown to the admin who asked)."""
 
 
+class OptionsRefused(LoadError):
+    """Engine options this machine or this model cannot honour, refused before an engine starts."""
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Per-checkpoint engine settings (the `serve` flags and the admin load body)."""
@@ -74,7 +78,8 @@ class EngineOptions:
 
 @dataclass
 class LoadedEngine:
-    """A started engine and the vLLM serving state bound to it."""
+    """A started engine and the vLLM serving state bound to it. `label` is the checkpoint's public name
+    (server/checkpoint_roots.py), set by the registry."""
 
     name: str
     checkpoint: Path
@@ -83,14 +88,25 @@ class LoadedEngine:
     client: ObservedEngine
     state: State
     max_model_len: int
+    options: EngineOptions = field(default_factory=EngineOptions)
+    label: str = ""
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     retired: bool = False
+    death_seen: bool = False  # the registry's watchdog has reported this engine dead
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def healthy(self) -> bool:
         return not self.client.errored
+
+    @property
+    def pids(self) -> list[int]:
+        """The engine-core processes vLLM started for this engine (their workers are their children);
+        empty when the engine runs in this process."""
+        resources = getattr(getattr(self.client.engine, "engine_core", None), "resources", None)
+        processes = getattr(getattr(resources, "engine_manager", None), "processes", None) or []
+        return [process.pid for process in processes if process.pid is not None]
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.client.engine.shutdown)
@@ -122,6 +138,48 @@ def read_model_config(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise LoadError(f"{config_file} is not a JSON object")
     return config
+
+
+def context_limit(config: dict[str, Any]) -> int | None:
+    """The longest context the model's config allows (positions x rope scaling factor), or None when the
+    config does not say. Generous on purpose: vLLM checks the exact limit when the engine starts."""
+    text = config.get("text_config") or config
+    positions = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return None
+    factor = (text.get("rope_scaling") or {}).get("factor", 1)
+    return int(positions * max(float(factor), 1.0)) if isinstance(factor, int | float) else positions
+
+
+def check_options_fit(options: EngineOptions, config: dict[str, Any]) -> None:
+    """Refuse (OptionsRefused, saying why) options this machine or this model cannot honour: a context
+    beyond the model's, more tensor-parallel ranks than devices or cores, a CPU KV cache larger than the
+    memory available now."""
+    import psutil
+    import torch
+
+    problems = []
+    limit = context_limit(config)
+    if options.max_model_len and limit and options.max_model_len > limit:
+        problems.append(
+            f"max_model_len={options.max_model_len} is beyond the model's context of {limit} tokens"
+        )
+    if torch.cuda.is_available():
+        devices, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        devices, what = len(os.sched_getaffinity(0)), "CPU cores available to this server"
+        available = psutil.virtual_memory().available
+        if options.kv_cache_gib * GiB > available:
+            problems.append(
+                f"kv_cache_gib={options.kv_cache_gib:g} is more than the {available / GiB:.1f} GiB of memory "
+                "this machine has available now"
+            )
+    if options.tensor_parallel_size > devices:
+        problems.append(
+            f"tensor_parallel_size={options.tensor_parallel_size} needs more than the {devices} {what}"
+        )
+    if problems:
+        raise OptionsRefused("; ".join(problems))
 
 
 def quant_method_of(config: dict[str, Any]) -> str:
@@ -205,6 +263,7 @@ async def start_engine(name: str, checkpoint: Path, options: EngineOptions) -> L
 
     checkpoint = checkpoint.expanduser().resolve()
     config = read_model_config(checkpoint)
+    check_options_fit(options, config)
     try:
         args = vllm_server_args(name, checkpoint, options, config)
     except (SystemExit, ValueError, OSError) as error:  # argparse exits on a value vLLM does not accept
@@ -240,4 +299,5 @@ async def start_engine(name: str, checkpoint: Path, options: EngineOptions) -> L
         client=client,
         state=state,
         max_model_len=vllm_config.model_config.max_model_len,
+        options=options,
     )

@@ -20,7 +20,8 @@ UNKNOWN_MODEL = "-"  # label for requests naming no served model (keeps label va
 
 
 class _EngineGauges(Collector):
-    """Read at scrape time from the registry's view: leases held and requests inside each engine."""
+    """Read at scrape time from the registry's view: leases held and requests inside each engine, labelled
+    by model and the checkpoint's public label."""
 
     def __init__(self, snapshot: Callable[[], Iterable[tuple[str, str, str, int, int]]]):
         self._snapshot = snapshot
@@ -87,7 +88,22 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.engine_deaths = Counter(
+            "lape_awq_engine_deaths",
+            "engines whose processes died while serving",
+            ["model"],
+            registry=self.registry,
+        )
+        self.stalled = Counter(
+            "lape_awq_stalled_clients",
+            "streams cancelled because the client stopped reading (send timeout)",
+            labels,
+            registry=self.registry,
+        )
         self.registry.register(_EngineGauges(engine_snapshot))
+
+    def count_engine_death(self, model: str) -> None:
+        self.engine_deaths.labels(model).inc()
 
     def observe_request(
         self,
@@ -97,8 +113,11 @@ class ServerMetrics:
         seconds: float,
         observation: RequestObservation | None,
         cancelled: bool,
+        stalled: bool = False,
     ) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()
+        if stalled:
+            self.stalled.labels(model, endpoint).inc()
         if status >= 400:
             self.errors.labels(model, endpoint, str(status)).inc()
         if cancelled:

@@ -1,11 +1,18 @@
-"""The ASGI layer in front of every route: API keys, the request body limit, access logs and metrics.
+"""The ASGI layer in front of every route: API keys, the request body limit, the send timeout, access logs
+and metrics.
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware, which buffers streaming responses and hides client
 disconnects; here a stream that ends without its final body message is a cancelled request.
+
+Which routes need a key, when the server has one (`--api-key`): /v1 (the API key, or the admin key),
+/admin (the admin key), /metrics and /openapi.json (either key, unless `--open-ops`). Public: /health (for
+load balancers: names and states only), the chat page and its files (the page calls the API with the key
+its user types).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -22,10 +29,16 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger("lape_awq.access")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+OPS_ROUTES = ("/metrics", "/openapi.json")
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class ClientStalled(OSError):
+    """The client stopped reading: a response message could not be sent within the send timeout. An
+    OSError, so that Starlette's streaming response treats it as the disconnect it is."""
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -59,7 +72,9 @@ class GatewayMiddleware:
                     return 401, "Admin endpoints need the admin key (Authorization: Bearer <admin key>)."
             elif self.settings.api_key is not None:
                 return 403, "Admin endpoints are disabled: the server was started without --admin-key."
-        elif path.startswith("/v1") and self.settings.api_key is not None:
+        elif self.settings.api_key is not None and (
+            path.startswith("/v1") or (path in OPS_ROUTES and not self.settings.open_ops)
+        ):
             admin = self.settings.admin_key is not None and _key_matches(key, self.settings.admin_key)
             if not admin and not _key_matches(key, self.settings.api_key):
                 return 401, "Incorrect or missing API key (Authorization: Bearer <key>)."
@@ -82,16 +97,22 @@ class GatewayMiddleware:
         path = scope["path"]
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         state["request_id"] = request_id
-        status, finished, received = 0, False, 0
+        status, finished, received, stalled = 0, False, 0, False
 
         async def send_wrapper(message: dict) -> None:
-            nonlocal status, finished
+            nonlocal status, finished, stalled
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
-            await send(message)
+            # The server's send waits while the client's socket is full; a client that never reads would
+            # hold its engine lease (and its place in the engine's batch) forever.
+            try:
+                await asyncio.wait_for(send(message), self.settings.send_timeout)
+            except asyncio.TimeoutError:
+                stalled, finished = True, False
+                raise ClientStalled(f"client sent nothing for {self.settings.send_timeout:g} s") from None
 
         async def limited_receive() -> dict:
             nonlocal received
@@ -123,8 +144,13 @@ class GatewayMiddleware:
         except _BodyTooLarge:
             if status == 0:
                 await refuse(413, self._too_large())
+        except ClientStalled:
+            # Nothing more can be sent: the request is over (its stream was closed on the way out, which
+            # returned its lease and aborted its engine request); the server closes the connection, and the
+            # access log line below says `stalled`.
+            pass
         finally:
-            self._record(scope, state, path, status, finished, arrival, request_id)
+            self._record(scope, state, path, status, finished, arrival, request_id, stalled)
 
     def _record(
         self,
@@ -135,6 +161,7 @@ class GatewayMiddleware:
         finished: bool,
         arrival: float,
         request_id: str,
+        stalled: bool,
     ) -> None:
         seconds = time.perf_counter() - arrival
         cancelled = state.get("cancelled", False) or (status != 0 and not finished)
@@ -143,7 +170,9 @@ class GatewayMiddleware:
         observation = state.get("observation")
         if endpoint is not None:
             label = model if model is not None and self.known_model(model) else UNKNOWN_MODEL
-            self.metrics.observe_request(label, endpoint, status or 499, seconds, observation, cancelled)
+            self.metrics.observe_request(
+                label, endpoint, status or 499, seconds, observation, cancelled, stalled
+            )
         entry = {
             "request_id": request_id,
             "method": scope["method"],
@@ -152,6 +181,7 @@ class GatewayMiddleware:
             "ms": round(1000 * seconds, 1),
             "model": model,
             "cancelled": cancelled,
+            "stalled": stalled,
             "client": (scope.get("client") or ("-",))[0],
         }
         if observation is not None:

@@ -68,6 +68,33 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--chat-template", help="Jinja chat template file for models without one")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
+    parser.add_argument(
+        "--checkpoint-root",
+        dest="checkpoint_roots",
+        action="append",
+        type=lambda text: Path(text).expanduser(),
+        metavar="DIR",
+        help="directory the admin API may load and swap checkpoints from (repeatable; default: the lape-awq "
+        "home and the directories holding the --model checkpoints); paths outside are refused with 403",
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a response may wait on a client that stopped reading before its request is "
+        "cancelled and its engine slot freed",
+    )
+    parser.add_argument(
+        "--open-ops",
+        action="store_true",
+        help="serve /metrics and /openapi.json without a key even when --api-key is set (as stock vLLM does)",
+    )
+    parser.add_argument(
+        "--restart-dead",
+        action="store_true",
+        help="restart an engine whose processes died (5 tries, 2 to 32 s apart); off: it stays dead (503) "
+        "until an admin reloads it",
+    )
     parser.add_argument("--log-prompts", action="store_true", help="log prompt text (off: metadata only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars while building checkpoints")
     parser.set_defaults(run=_run_serve)
@@ -92,8 +119,16 @@ def _initial_models(args: argparse.Namespace) -> list[tuple[str, Path]]:
 def _run_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from lape_awq.quant.paths import home_dir
     from lape_awq.server.app import ServerSettings, create_app
-    from lape_awq.server.engines import EngineOptions, cpu_engine_env
+    from lape_awq.server.checkpoint_roots import CheckpointRoots
+    from lape_awq.server.engines import (
+        EngineOptions,
+        LoadError,
+        check_options_fit,
+        cpu_engine_env,
+        read_model_config,
+    )
 
     try:
         options = EngineOptions(
@@ -109,14 +144,27 @@ def _run_serve(args: argparse.Namespace) -> None:
         )
     except ValueError as error:
         raise UserError(str(error)) from error
+    if args.send_timeout <= 0:
+        raise UserError(f"--send-timeout must be > 0, got {args.send_timeout:g}")
+    models = _initial_models(args)
+    for name, path in models:
+        try:
+            check_options_fit(options, read_model_config(path))
+        except LoadError as error:
+            raise UserError(f"--model {name}={path}: {error}") from error
+    roots = args.checkpoint_roots or [home_dir(), *(path.parent for _, path in models)]
     settings = ServerSettings(
-        models=_initial_models(args),
+        models=models,
         engine_options=options,
         api_key=args.api_key,
         admin_key=args.admin_key,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_in_flight=args.max_in_flight,
         log_prompts=args.log_prompts,
+        checkpoint_roots=CheckpointRoots.of(roots),
+        send_timeout=args.send_timeout,
+        open_ops=args.open_ops,
+        restart_dead=args.restart_dead,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_env = cpu_engine_env(args.tensor_parallel_size)

@@ -3,7 +3,9 @@ engines on CPU over tiny checkpoints, driven by the official `openai` client (an
 client would refuse to send a bad request).
 
 Served names: `korean-chat` (tiny Gemma 3 AWQ; swapped during the last tests), `tiny-opt` (its AWQ-opt),
-`bytes` (the byte-cycle model, see server_models.py).
+`bytes` (the byte-cycle model, see server_models.py). Their checkpoints share one directory, which is
+therefore the server's checkpoint root: admin loads come from there, and public answers name checkpoints
+by their path under it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +38,7 @@ from server_models import CYCLE_TEXT, write_byte_cycle_model, write_quantized_pa
 API_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
 MAX_MODEL_LEN = 512
 START_TIMEOUT = 600
+SEND_TIMEOUT_S = 3
 CHAT = [{"role": "user", "content": "한국어로 짧게 인사해 주세요."}]
 
 
@@ -43,6 +48,15 @@ class Server:
     process: subprocess.Popen
     log: Path
     checkpoints: dict[str, Path]
+
+    @property
+    def root(self) -> Path:
+        """The checkpoint root: the directory holding the command line's checkpoints."""
+        return self.checkpoints["awq"].parent.resolve()
+
+    def label(self, key: str) -> str:
+        """The public name of a checkpoint: its path under the root."""
+        return self.checkpoints[key].name
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -99,6 +113,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Serv
         "--enforce-eager",
         "--max-body-mb",
         "1",
+        "--send-timeout",
+        str(SEND_TIMEOUT_S),
     ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     log = root / "server.log"
@@ -123,7 +139,7 @@ def client(server: Server) -> openai.OpenAI:
 
 def metric(server: Server, name: str, **labels: str) -> float:
     """One sample of the server's Prometheus output (0 when absent)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).text
     total = 0.0
     for line in text.splitlines():
         match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
@@ -160,14 +176,17 @@ def test_models_lists_every_checkpoint_with_method_and_state(client: openai.Open
         "tiny-opt": "lape_awq",
         "bytes": "none",
     }
-    assert {k: m["engine_quantization"] for k, m in models.items()} == {
+    assert models["tiny-opt"]["checkpoint"] == server.label("awq-opt")
+    assert all(m["state"] == "ready" and m["max_model_len"] == MAX_MODEL_LEN for m in models.values())
+    assert client.models.retrieve("bytes").id == "bytes"
+    admin = {m["id"]: m for m in _admin(server, "GET", "/models").json()["data"]}
+    assert {k: m["engine_quantization"] for k, m in admin.items()} == {
         "korean-chat": "lape_awq",
         "tiny-opt": "lape_awq",
         "bytes": None,
     }
-    assert models["tiny-opt"]["checkpoint"] == str(server.checkpoints["awq-opt"].resolve())
-    assert all(m["state"] == "ready" and m["max_model_len"] == MAX_MODEL_LEN for m in models.values())
-    assert client.models.retrieve("bytes").id == "bytes"
+    assert admin["tiny-opt"]["checkpoint_path"] == str(server.checkpoints["awq-opt"].resolve())
+    assert all(m["pids"] for m in admin.values())  # each engine's own processes, for the operator
 
 
 def test_chat_reports_usage_length_and_the_checkpoint_that_answered(client: openai.OpenAI, server) -> None:
@@ -180,7 +199,7 @@ def test_chat_reports_usage_length_and_the_checkpoint_that_answered(client: open
     assert reply.usage.completion_tokens == 8
     assert reply.usage.prompt_tokens > 5
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
-    assert raw.headers["x-lape-awq-checkpoint"] == str(server.checkpoints["awq-opt"].resolve())
+    assert raw.headers["x-lape-awq-checkpoint"] == server.label("awq-opt")
     assert raw.headers["x-lape-awq-quant-method"] == "lape_awq"
 
 
@@ -367,6 +386,10 @@ CLIENT_MISTAKES = {
     "max_tokens beyond the context": ("/v1/chat/completions", _chat(max_tokens=MAX_MODEL_LEN * 4), 400),
     "unknown model": ("/v1/chat/completions", _chat(model="no-such-model"), 404),
     "body over the limit": ("/v1/chat/completions", _chat(pad="x" * (2 << 20)), 413),
+    "unknown route": ("/v1/chat/complete", _chat(), 404),
+    "wrong method": ("/v1/models", _chat(), 405),
+    "lone surrogate": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "\ud800"}]), 400),
+    "unparsable body": ("/v1/completions", b"\xff\xfe not json", 400),
 }
 
 
@@ -375,9 +398,73 @@ def test_client_mistakes_get_their_status_and_an_openai_error_body(server: Serve
     path, body, status = CLIENT_MISTAKES[case]
     response = _post(server, path, body)
     assert response.status_code == status, response.text
-    error = response.json()["error"]
+    error = response.json()["error"]  # OpenAI's shape, whoever refused: the gateway, FastAPI or vLLM
+    assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"]
-    assert {"type", "code"} <= set(error)
+    assert isinstance(error["type"], str) and isinstance(error["code"], str)
+    assert "TextEncodeInput" not in error["message"]  # never a tokenizer's internals
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_public_answers_never_show_server_paths(client: openai.OpenAI, server: Server) -> None:
+    """The model list, the answering-checkpoint header and the metrics name checkpoints by their path
+    under the root; only /admin/models shows where they are."""
+    user = {"Authorization": f"Bearer {API_KEY}"}
+    models = httpx.get(f"{server.url}/v1/models", headers=user, timeout=30).text
+    raw = client.chat.completions.with_raw_response.create(model="bytes", messages=CHAT, max_tokens=2)
+    metrics = httpx.get(f"{server.url}/metrics", headers=user, timeout=30)
+    assert metrics.status_code == 200
+    for public in (models, json.dumps(dict(raw.headers)), metrics.text):
+        assert str(server.root) not in public and "last_error" not in public
+    assert raw.headers["x-lape-awq-checkpoint"] == server.label("bytes")
+    assert str(server.root) in _admin(server, "GET", "/models").text
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/openapi.json"])
+def test_ops_routes_need_a_key_when_the_server_has_one(server: Server, path: str) -> None:
+    assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 401
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # load balancers need no key
+
+
+def test_admin_loads_only_from_the_checkpoint_roots(server: Server, tmp_path: Path) -> None:
+    """Refused with 403 before anything starts, after resolving `..` and symlinks; the message names the
+    roots and the option that adds one."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(server.checkpoints["bytes"], outside)
+    link = server.root / "link-to-elsewhere"
+    link.symlink_to(outside)
+    try:
+        for path in (outside, link, server.root / ".." / tmp_path.name / "elsewhere"):
+            response = _admin(server, "POST", "/models", {"name": "sneaky", "checkpoint": str(path)})
+            assert response.status_code == 403, response.text
+            assert "outside the checkpoint roots" in response.json()["error"]["message"]
+            assert "--checkpoint-root" in response.json()["error"]["message"]
+            swap = _admin(server, "POST", "/models/bytes/swap", {"checkpoint": str(path)})
+            assert swap.status_code == 403
+    finally:
+        link.unlink()
+    assert "sneaky" not in {row["id"] for row in _admin(server, "GET", "/models").json()["data"]}
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"kv_cache_gib": 1000}, "memory"),
+        ({"max_model_len": 10_000_000}, "context"),
+        ({"tensor_parallel_size": 4096}, "tensor_parallel_size"),
+    ],
+)
+def test_engine_options_the_machine_cannot_honour_are_refused(server: Server, options, reason) -> None:
+    """400 with the reason, before an engine starts; the name keeps serving its checkpoint."""
+    started = time.time()
+    body = {"checkpoint": str(server.checkpoints["bytes"]), "options": options}
+    response = _admin(server, "POST", "/models/bytes/swap", body)
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["error"]["message"]
+    assert time.time() - started < 10  # refused up front, no engine was started
+    assert _admin(server, "POST", "/models", {"name": "absurd", **body}).status_code == 400
+    states = {row["id"]: row["state"] for row in _admin(server, "GET", "/models").json()["data"]}
+    assert states["bytes"] == "ready" and "absurd" not in states
 
 
 def test_unknown_model_through_the_sdk_is_not_found(client: openai.OpenAI) -> None:
@@ -389,7 +476,9 @@ def test_unknown_model_through_the_sdk_is_not_found(client: openai.OpenAI) -> No
 @pytest.fixture(scope="module")
 def api_schema(server: Server):
     """The server's own OpenAPI document (vLLM's request models), public routes only."""
-    return schemathesis.openapi.from_url(f"{server.url}/openapi.json").include(path_regex=r"^/(v1/|health)")
+    document = f"{server.url}/openapi.json"
+    headers = {"Authorization": f"Bearer {API_KEY}"}  # the document needs the key like the API it describes
+    return schemathesis.openapi.from_url(document, headers=headers).include(path_regex=r"^/(v1/|health)")
 
 
 fuzzed = schemathesis.pytest.from_fixture("api_schema")
@@ -446,6 +535,58 @@ def test_a_client_that_disconnects_mid_stream_frees_its_engine_request(server: S
     assert generated < 10_000  # sanity: the counter exists and the request did not run to 480 tokens alone
 
 
+def test_a_client_that_stops_reading_loses_its_stream_not_its_slot(
+    client: openai.OpenAI, server: Server
+) -> None:
+    """A client that sends a request and never reads: once the socket buffers are full (some MB; 16
+    choices with 20 logprobs per token make ~10 MB), the server waits --send-timeout, then cancels the
+    request, returns its lease and frees its engine request, while other clients are served throughout."""
+    stalled = metric(server, "lape_awq_stalled_clients_total", model="bytes")
+    cancelled = metric(server, "lape_awq_cancelled_requests_total", model="bytes")
+    body = json.dumps(
+        {
+            "model": "bytes",
+            "messages": CHAT,
+            "max_tokens": MAX_MODEL_LEN - 64,
+            "n": 16,
+            "temperature": 1.0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(head + body)  # ... and never a recv
+        deadline = time.time() + 240
+        while (
+            time.time() < deadline
+            and metric(server, "lape_awq_stalled_clients_total", model="bytes") == stalled
+        ):
+            reply = client.chat.completions.create(model="bytes", messages=CHAT, max_tokens=3, temperature=0)
+            assert reply.choices[0].message.content == "한"  # others are served meanwhile
+            time.sleep(1)
+        assert metric(server, "lape_awq_stalled_clients_total", model="bytes") == stalled + 1, (
+            server.log_tail()
+        )
+        assert metric(server, "lape_awq_cancelled_requests_total", model="bytes") == cancelled + 1
+        deadline = time.time() + 30
+        while time.time() < deadline and (
+            metric(server, "lape_awq_in_flight_requests", model="bytes")
+            or metric(server, "lape_awq_engine_unfinished_requests", model="bytes")
+        ):
+            time.sleep(0.2)
+        assert metric(server, "lape_awq_in_flight_requests", model="bytes") == 0  # the lease is back
+        assert metric(server, "lape_awq_engine_unfinished_requests", model="bytes") == 0
+
+
 # --- admin: load, failed swap, hot swap under load ----------------------------------------------------
 
 
@@ -459,17 +600,18 @@ def _admin(server: Server, method: str, path: str, body: dict | None = None) -> 
     )
 
 
-def test_a_failed_swap_keeps_the_old_checkpoint_serving(client, server, tmp_path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def test_a_failed_swap_keeps_the_old_checkpoint_serving(client, server) -> None:
+    broken = server.root / "broken"
+    broken.mkdir(exist_ok=True)
     (broken / "config.json").write_text("{not json")
     response = _admin(server, "POST", "/models/korean-chat/swap", {"checkpoint": str(broken)})
     assert response.status_code == 422
     assert "previous checkpoint keeps serving" in response.json()["error"]["message"]
-    row = client.models.retrieve("korean-chat").model_dump()
-    assert row["state"] == "ready" and row["checkpoint"] == str(server.checkpoints["awq"].resolve())
+    assert client.models.retrieve("korean-chat").model_dump()["state"] == "ready"
+    row = next(r for r in _admin(server, "GET", "/models").json()["data"] if r["id"] == "korean-chat")
+    assert row["state"] == "ready" and row["checkpoint_path"] == str(server.checkpoints["awq"].resolve())
     assert "unreadable" in row["last_error"]
-    body = {"checkpoint": "x", "options": {"dtype": 3}}
+    body = {"checkpoint": str(broken), "options": {"dtype": 3}}
     bad_options = _admin(server, "POST", "/models/korean-chat/swap", body)
     assert bad_options.status_code == 400
     assert _admin(server, "POST", "/models/nobody/swap", {"checkpoint": str(broken)}).status_code == 404
@@ -492,16 +634,15 @@ def test_load_reports_loading_then_serves_then_unloads(client: openai.OpenAI, se
     assert result["response"].json()["state"] == "ready"
     reply = client.chat.completions.create(model="extra", messages=CHAT, max_tokens=3, temperature=0)
     assert reply.choices[0].message.content == "한"
-    assert _admin(server, "POST", "/models", {"name": "extra", "checkpoint": "/x"}).status_code == 409
+    again = {"name": "extra", "checkpoint": str(server.checkpoints["awq"])}
+    assert _admin(server, "POST", "/models", again).status_code == 409
     assert _admin(server, "DELETE", "/models/extra").status_code == 200
     assert "extra" not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="extra", messages=CHAT, max_tokens=2)
 
 
-def test_the_pairwise_judge_runs_against_a_model_behind_this_server(
-    server: Server, tokenizer, tmp_path
-) -> None:
+def test_the_pairwise_judge_runs_against_a_model_behind_this_server(server: Server, tokenizer) -> None:
     """`eval`'s judge with a real model as judge: AWQ-opt vs AWQ answered by our torch reference, judged by
     a model answering "[[A]]" served here. A judge that always prefers position A makes every asked pair
     a tie (MT-Bench's both-orders rule)."""
@@ -510,7 +651,7 @@ def test_the_pairwise_judge_runs_against_a_model_behind_this_server(
     from lape_awq.quant.evaluation.judge.pairwise import run_judge
     from lape_awq.quant.evaluation.judge.questions import load_questions
 
-    judge_dir = write_verdict_judge(tmp_path / "judge", tokenizer)
+    judge_dir = write_verdict_judge(server.root / "judge", tokenizer)
     body = {"name": "judge", "checkpoint": str(judge_dir), "options": {"max_model_len": 4096}}
     assert _admin(server, "POST", "/models", body).status_code == 200
     try:
@@ -526,6 +667,82 @@ def test_the_pairwise_judge_runs_against_a_model_behind_this_server(
     assert result.counts(("awq-opt", "awq")) == {"win": 0, "tie": 4, "loss": 0, "error": 0}
 
 
+def _kill_engine_processes(pids: list[int]) -> None:
+    """SIGKILL an engine's processes and their children (vLLM's workers), as the OOM killer would."""
+    import psutil
+
+    victims = [psutil.Process(pid) for pid in pids]
+    victims += [child for victim in victims for child in victim.children(recursive=True)]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+
+
+def test_a_dead_engine_fails_fast_other_names_serve_and_an_admin_reloads_it(
+    client: openai.OpenAI, server: Server
+) -> None:
+    """kill -9 of one engine's processes: its stream in flight ends instead of hanging, its new requests get
+    503 at once, /health, the model list and a metric say it is dead, other names keep serving, and a swap
+    with no checkpoint (a reload) brings it back without restarting the server."""
+    load = _admin(
+        server, "POST", "/models", {"name": "doomed", "checkpoint": str(server.checkpoints["bytes"])}
+    )
+    assert load.status_code == 200, load.text
+    try:
+        deaths = metric(server, "lape_awq_engine_deaths_total", model="doomed")
+        pids = next(r["pids"] for r in _admin(server, "GET", "/models").json()["data"] if r["id"] == "doomed")
+        streaming, ended = threading.Event(), threading.Event()
+
+        def stream() -> None:
+            body = {"model": "doomed", "messages": CHAT, "max_tokens": MAX_MODEL_LEN - 64, "stream": True}
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            try:
+                with httpx.stream(
+                    "POST",
+                    f"{server.url}/v1/chat/completions",
+                    json=body | {"ignore_eos": True},
+                    headers=headers,
+                    timeout=120,
+                ) as response:
+                    for line in response.iter_lines():
+                        if '"content"' in line:
+                            streaming.set()
+            except httpx.HTTPError:
+                pass  # a connection cut short is an ending too
+            ended.set()
+
+        threading.Thread(target=stream, daemon=True).start()
+        assert streaming.wait(60)
+        _kill_engine_processes(pids)
+        assert ended.wait(60), "the stream in flight hangs after its engine died"
+        deadline = time.time() + 30
+        while time.time() < deadline and client.models.retrieve("doomed").model_dump()["state"] != "dead":
+            time.sleep(0.2)
+        started = time.time()
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(model="doomed", messages=CHAT, max_tokens=2)
+        assert raised.value.status_code == 503 and time.time() - started < 5
+        assert "died" in raised.value.message and "/admin/models/doomed/swap" in raised.value.message
+        health = httpx.get(f"{server.url}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["models"]["doomed"] == "dead"
+        assert health.json()["models"]["bytes"] == "ready"
+        reply = client.chat.completions.create(model="bytes", messages=CHAT, max_tokens=3, temperature=0)
+        assert reply.choices[0].message.content == "한"
+        deadline = time.time() + 10
+        while (
+            time.time() < deadline
+            and metric(server, "lape_awq_engine_deaths_total", model="doomed") == deaths
+        ):
+            time.sleep(0.2)
+        assert metric(server, "lape_awq_engine_deaths_total", model="doomed") == deaths + 1
+        reload = _admin(server, "POST", "/models/doomed/swap", {})
+        assert reload.status_code == 200 and reload.json()["state"] == "ready", reload.text
+        reply = client.chat.completions.create(model="doomed", messages=CHAT, max_tokens=3, temperature=0)
+        assert reply.choices[0].message.content == "한"
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    finally:
+        _admin(server, "DELETE", "/models/doomed")
+
+
 def _first_token_logprob(client: openai.OpenAI, model: str) -> tuple[float, str]:
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=CHAT, max_tokens=1, temperature=0, logprobs=True
@@ -535,7 +752,8 @@ def _first_token_logprob(client: openai.OpenAI, model: str) -> tuple[float, str]
 
 def test_hot_swap_under_load_drops_no_request(client: openai.OpenAI, server: Server) -> None:
     """16 streaming clients run throughout while korean-chat goes AWQ -> AWQ-opt -> AWQ."""
-    awq, opt = (str(server.checkpoints[k].resolve()) for k in ("awq", "awq-opt"))
+    awq, opt = (server.label(k) for k in ("awq", "awq-opt"))
+    paths = {server.label(k): str(server.checkpoints[k]) for k in ("awq", "awq-opt")}
     reference = {
         awq: _first_token_logprob(client, "korean-chat")[0],
         opt: _first_token_logprob(client, "tiny-opt")[0],
@@ -572,7 +790,7 @@ def test_hot_swap_under_load_drops_no_request(client: openai.OpenAI, server: Ser
     try:
         time.sleep(3)
         for target in (opt, awq):
-            response = _admin(server, "POST", "/models/korean-chat/swap", {"checkpoint": target})
+            response = _admin(server, "POST", "/models/korean-chat/swap", {"checkpoint": paths[target]})
             assert response.status_code == 200, response.text
             assert response.json()["checkpoint"] == target
             logprob, answered_by = _first_token_logprob(client, "korean-chat")
@@ -603,7 +821,7 @@ def test_the_demo_client_streams_times_and_prints_answers_side_by_side(server: S
     own = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
     answer = ask(own, "bytes", CHAT[0]["content"], 9)
     assert answer.text == CYCLE_TEXT and answer.tokens == 9  # three syllables of three byte tokens each
-    assert answer.checkpoint == str(server.checkpoints["bytes"].resolve())
+    assert answer.checkpoint == server.label("bytes")
     assert answer.ttft_s is not None and answer.ttft_s > 0 and answer.decode_tok_s is not None
     assert "TTFT" in answer.meta() and "9 tokens" in answer.meta()
     blocks = [[answer.text * 5, answer.meta()], ["a" * 90, "", "끝"]]
@@ -716,7 +934,7 @@ def test_chat_page_shows_a_wrong_key_as_a_readable_401(page, server: Server) -> 
     assert "error" in status.get_attribute("class")
 
 
-def test_chat_page_admin_swap_changes_the_answering_checkpoint(page, server: Server, tmp_path: Path) -> None:
+def test_chat_page_admin_swap_changes_the_answering_checkpoint(page, server: Server) -> None:
     """Through the page's admin section: a refused swap shows the server's reason and changes nothing; a
     good one makes the next answer come from the new checkpoint."""
     _open_page(page, server, API_KEY)
@@ -728,19 +946,15 @@ def test_chat_page_admin_swap_changes_the_answering_checkpoint(page, server: Ser
     assert "korean-chat" in page.find_element(By.ID, "admin-models").text
     current = _admin(server, "GET", "/models").json()["data"]
     before = next(row["checkpoint"] for row in current if row["id"] == "korean-chat")
-    target = next(
-        str(server.checkpoints[k].resolve())
-        for k in ("awq", "awq-opt")
-        if str(server.checkpoints[k].resolve()) != before
-    )
+    target = next(k for k in ("awq", "awq-opt") if server.label(k) != before)
 
     _set_field(page, "admin-name", "korean-chat")
-    _set_field(page, "admin-checkpoint", str(tmp_path / "missing"))
+    _set_field(page, "admin-checkpoint", str(server.root / "missing"))
     page.find_element(By.ID, "admin-swap").click()
     WebDriverWait(page, 60).until(lambda _: "422" in status.text)
     assert "previous checkpoint keeps serving" in status.text
 
-    _set_field(page, "admin-checkpoint", target)
+    _set_field(page, "admin-checkpoint", str(server.checkpoints[target]))
     page.find_element(By.ID, "admin-swap").click()
     WebDriverWait(page, PAGE_WAIT_S).until(lambda _: "swap done" in status.text)
     WebDriverWait(page, 30).until(
@@ -755,5 +969,5 @@ def test_chat_page_admin_swap_changes_the_answering_checkpoint(page, server: Ser
     _send_and_wait(page, CHAT[0]["content"], 1, ("pane-a",))
     answer = _answers(page, "pane-a")[0]
     assert answer.get_attribute("data-state") == "done", _text(answer)
-    assert answer.get_attribute("data-checkpoint") == target
+    assert answer.get_attribute("data-checkpoint") == server.label(target)
     assert not page.find_element(By.ID, "pane-b").is_displayed()

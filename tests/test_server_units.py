@@ -41,7 +41,7 @@ def make_registry(max_in_flight: int = 4, gate: asyncio.Event | None = None) -> 
         if checkpoint.name == "broken":
             raise LoadError("config.json is unreadable")
         client = ObservedEngine(InstantEngine())
-        return LoadedEngine(name, checkpoint, "awq", "lape_awq", client, State(), 512)
+        return LoadedEngine(name, checkpoint, "awq", "lape_awq", client, State(), 512, options)
 
     return ModelRegistry(start, max_in_flight=max_in_flight, drain_timeout=5)
 
@@ -112,7 +112,7 @@ def test_a_failed_swap_leaves_the_old_engine_serving() -> None:
         with pytest.raises(LoadError):
             await registry.swap("chat", Path("/ckpt/broken"), EngineOptions())
         assert registry.lease("chat").engine is old
-        row = registry.describe()[0]
+        row = registry.describe(admin=True)[0]
         assert row["state"] == "ready" and "unreadable" in row["last_error"]
         with pytest.raises(LoadError):
             await registry.load("fresh", Path("/ckpt/broken"), EngineOptions())
@@ -214,3 +214,173 @@ def test_small_cpus_reserve_no_core_for_the_scheduler(
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cpu_engine_env(tensor_parallel, environ) == expected
+
+
+# --- dead engines -----------------------------------------------------------------------------------------
+
+
+def test_a_dead_engine_answers_503_is_reported_once_and_reloads() -> None:
+    async def scenario() -> None:
+        registry = make_registry()
+        deaths: list[str] = []
+        registry.on_death = deaths.append
+        engine = await registry.load("chat", Path("/ckpt/awq"), EngineOptions(max_num_seqs=3))
+        await registry.load("other", Path("/ckpt/other"), EngineOptions())
+        engine.client.engine.errored = True  # its processes died
+        watcher = asyncio.create_task(registry.watch(interval=0.01))
+        await asyncio.sleep(0.05)
+        assert deaths == ["chat"]  # found while idle, reported once
+        for _ in range(2):
+            with pytest.raises(ApiError) as raised:
+                registry.lease("chat")
+            assert raised.value.status == 503 and "swap" in raised.value.message
+        assert deaths == ["chat"]
+        registry.lease("other").release()  # other names keep serving
+        assert {row["id"]: row["state"] for row in registry.describe()} == {"chat": "dead", "other": "ready"}
+        reloaded = await registry.swap("chat", None)  # no checkpoint, no options: reload as it was
+        assert reloaded.checkpoint == Path("/ckpt/awq") and reloaded.options.max_num_seqs == 3
+        registry.lease("chat").release()
+        watcher.cancel()
+        await registry.close()
+
+    run(scenario())
+
+
+def test_restart_dead_restarts_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lape_awq.server.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "RESTART_BACKOFF", (0.01, 0.01))
+
+    async def scenario() -> None:
+        registry = make_registry()
+        registry.restart_dead = True
+        engine = await registry.load("chat", Path("/ckpt/awq"), EngineOptions())
+        engine.client.engine.errored = True
+        with pytest.raises(ApiError):
+            registry.lease("chat")
+        await asyncio.sleep(0.2)
+        assert registry.slots["chat"].active is not engine
+        registry.lease("chat").release()
+        assert engine.client.engine.stopped  # the dead one was shut down
+        await registry.close()
+
+    run(scenario())
+
+
+def test_the_public_model_list_carries_no_paths_or_errors() -> None:
+    from lape_awq.server.checkpoint_roots import CheckpointRoots
+
+    async def scenario() -> None:
+        registry = make_registry()
+        registry.roots = CheckpointRoots.of([Path("/srv/models")])
+        await registry.load("chat", Path("/srv/models/team/awq"), EngineOptions())
+        with pytest.raises(LoadError):
+            await registry.swap("chat", Path("/srv/models/broken"), EngineOptions())
+        public, admin = registry.describe()[0], registry.describe(admin=True)[0]
+        assert public["checkpoint"] == "team/awq" and "/srv" not in repr(public)
+        assert admin["checkpoint_path"] == "/srv/models/team/awq" and "unreadable" in admin["last_error"]
+        await registry.close()
+
+    run(scenario())
+
+
+# --- checkpoint roots and engine options ---------------------------------------------------------------
+
+
+def test_checkpoint_roots_resolve_links_and_dots_before_deciding(tmp_path: Path) -> None:
+    from lape_awq.server.checkpoint_roots import CheckpointRoots, OutsideRoots
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "team" / "awq").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    roots = CheckpointRoots.of([root])
+    assert roots.allowed(root / "team" / "awq") == (root / "team" / "awq").resolve()
+    assert roots.label((root / "team" / "awq").resolve()) == "team/awq"
+    assert roots.label(outside.resolve()) == "outside"
+    for sneaky in (outside, root / "escape", root / "team" / ".." / ".." / "outside", root / ".."):
+        with pytest.raises(OutsideRoots, match="outside the checkpoint roots"):
+            roots.allowed(sneaky)
+    with pytest.raises(OutsideRoots, match=r"\(none\)"):
+        CheckpointRoots(()).allowed(root)
+
+
+@pytest.mark.parametrize(
+    ("options", "config", "message"),
+    [
+        (EngineOptions(kv_cache_gib=100_000), {}, "kv_cache_gib=100000 is more than"),
+        (EngineOptions(tensor_parallel_size=4096), {}, "tensor_parallel_size=4096 needs more than"),
+        (EngineOptions(max_model_len=70_000), {"max_position_embeddings": 32768}, "context of 32768"),
+        (
+            EngineOptions(max_model_len=300_000),
+            {"text_config": {"max_position_embeddings": 32768, "rope_scaling": {"factor": 8.0}}},
+            "context of 262144",
+        ),
+    ],
+)
+def test_options_the_machine_or_model_cannot_honour_are_refused(options, config, message) -> None:
+    from lape_awq.server.engines import OptionsRefused, check_options_fit
+
+    with pytest.raises(OptionsRefused, match=message):
+        check_options_fit(options, config)
+    check_options_fit(EngineOptions(max_model_len=256, kv_cache_gib=0.5), {"max_position_embeddings": 512})
+
+
+# --- one error shape --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_client():
+    """The real app and gateway over engines that start instantly (no model is ever called here)."""
+    from fastapi.testclient import TestClient
+
+    from lape_awq.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(api_key="user", admin_key="admin"), make_registry())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+USER, ADMIN = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+JSON = {**USER, "Content-Type": "application/json"}
+CHAT_BODY = '{"model": "x", "messages": [{"role": "user", "content": "%s"}]%s}'
+ERRORS = {
+    "unknown route": ("GET", "/v1/nope", None, USER, 404, "no GET /v1/nope"),
+    "unknown page": ("GET", "/nope", None, {}, 404, "no GET /nope"),
+    "missing static file": ("GET", "/static/nope.js", None, {}, 404, "no GET"),
+    "wrong method": ("DELETE", "/v1/chat/completions", None, USER, 405, "takes POST"),
+    "broken JSON": ("POST", "/v1/chat/completions", '{"model": ', JSON, 400, "not valid JSON"),
+    "no body": ("POST", "/v1/chat/completions", "", JSON, 400, "needs a JSON body"),
+    "not an object": ("POST", "/v1/chat/completions", "[1, 2]", JSON, 400, "must be a JSON object"),
+    "wrong field type": ("POST", "/v1/chat/completions", CHAT_BODY % ("hi", ', "n": "x"'), JSON, 400, "`n`"),
+    "lone surrogate": ("POST", "/v1/chat/completions", CHAT_BODY % ("\\ud800", ""), JSON, 400, "surrogate"),
+    "metrics without a key": ("GET", "/metrics", None, {}, 401, "API key"),
+    "openapi without a key": ("GET", "/openapi.json", None, {}, 401, "API key"),
+    "admin with the user key": ("GET", "/admin/models", None, USER, 401, "admin key"),
+    "load outside the roots": (
+        "POST",
+        "/admin/models",
+        '{"name": "n", "checkpoint": "/etc"}',
+        {**ADMIN, "Content-Type": "application/json"},
+        403,
+        "outside the checkpoint roots",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=list(ERRORS))
+def test_every_error_has_openai_shape_and_says_what_to_fix(app_client, case: str) -> None:
+    method, path, body, headers, status, message = ERRORS[case]
+    response = app_client.request(method, path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["type"], str) and isinstance(error["code"], str)
+    assert message in error["message"], error["message"]
+
+
+def test_ops_routes_answer_with_a_key_and_health_without(app_client) -> None:
+    assert app_client.get("/metrics", headers=USER).status_code == 200
+    assert app_client.get("/openapi.json", headers=ADMIN).status_code == 200
+    assert app_client.get("/health").status_code == 503  # no model served: degraded, but answered
+    assert app_client.get("/docs").status_code == 404  # FastAPI's page would load scripts from a CDN

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
 
 from lape_awq.server.engine_observer import CURRENT_REQUEST, RequestObservation
-from lape_awq.server.openai_errors import ApiError
+from lape_awq.server.openai_errors import ApiError, error_response, from_vllm, lone_surrogate
 from lape_awq.server.registry import Lease
 from lape_awq.server.routes import registry_of, settings_of
 
@@ -45,7 +46,7 @@ async def until_disconnect(work: Awaitable[T], request: Request) -> T | None:
 
 
 async def leased_stream(
-    stream: AsyncIterator[str], lease: Lease, observation: RequestObservation
+    stream: AsyncGenerator[str, None], lease: Lease, observation: RequestObservation
 ) -> AsyncIterator[str]:
     """`stream`, observed for the metrics; the lease is returned when it ends (or the client leaves)."""
     CURRENT_REQUEST.set(observation)  # this runs in the response task, where the engine is called
@@ -54,12 +55,26 @@ async def leased_stream(
             yield chunk
     finally:
         lease.release()
+        await stream.aclose()  # vLLM's generator, and with it the engine request (aborted if unfinished)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its stream however it ends. Starlette's leaves a stream whose
+    send failed (a client gone or stalled, server/middleware.py) suspended until garbage collection; here
+    its lease and engine request are given back at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def served_by(lease: Lease) -> dict[str, str]:
-    """Which checkpoint answered: A/B users (and the swap tests) read it from every response."""
+    """Which checkpoint answered (its public label): A/B users (and the swap tests) read it from every
+    response."""
     return {
-        "x-lape-awq-checkpoint": str(lease.engine.checkpoint),
+        "x-lape-awq-checkpoint": lease.engine.label,
         "x-lape-awq-quant-method": lease.engine.quant_method,
     }
 
@@ -76,6 +91,14 @@ async def generate(
         raise ApiError(400, "`model` is required: several models are served.", "model")
     body.model = name
     request.state.model = name
+    bad_text = lone_surrogate(body.model_dump(exclude_unset=True))
+    if bad_text is not None:
+        raise ApiError(
+            400,
+            f"`{bad_text}` holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+            "text; send valid Unicode (pair the surrogates or drop them).",
+            bad_text,
+        )
     if settings_of(request).log_prompts:
         prompt = body.messages if endpoint == "chat" else body.prompt
         log.info(
@@ -100,12 +123,12 @@ async def generate(
         if result is None:
             return Response(status_code=499)
         if isinstance(result, ErrorResponse):
-            return JSONResponse(result.model_dump(), status_code=result.error.code)
+            return error_response(from_vllm(result))
         if isinstance(result, BaseModel):
             return JSONResponse(result.model_dump(), headers=served_by(lease))
         streaming = True
         stream = leased_stream(result, lease, observation)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=served_by(lease))
+        return ClosingStreamingResponse(stream, media_type="text/event-stream", headers=served_by(lease))
     finally:
         if not streaming:
             lease.release()

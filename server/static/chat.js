@@ -258,7 +258,7 @@ async function adminList() {
     const { data, draining } = await adminCall("GET", "/admin/models");
     const rows = data.map((m) => {
       const row = document.createElement("tr");
-      for (const value of [m.id, m.state, m.quant_method, m.checkpoint]) {
+      for (const value of [m.id, m.state, m.quant_method, m.checkpoint_path || m.checkpoint]) {
         const cell = document.createElement("td");
         cell.textContent = value === undefined || value === null ? "" : String(value);
         row.append(cell);
@@ -283,8 +283,8 @@ async function adminAct(action, name) {
   const status = $("admin-status");
   const checkpoint = $("admin-checkpoint").value.trim();
   name = name || $("admin-name").value.trim();
-  if (!name || (action !== "unload" && !checkpoint)) {
-    setStatus(status, "Give a name and a checkpoint path.", true);
+  if (!name || (action === "load" && !checkpoint)) {
+    setStatus(status, "Give a name and a checkpoint path (a swap without a path reloads the current one).", true);
     return;
   }
   const verbs = { load: "Loading", swap: "Swapping", unload: "Unloading" };
@@ -293,7 +293,7 @@ async function adminAct(action, name) {
   try {
     const path = `/admin/models${action === "load" ? "" : `/${encodeURIComponent(name)}`}`;
     if (action === "load") await adminCall("POST", path, { name, checkpoint });
-    else if (action === "swap") await adminCall("POST", `${path}/swap`, { checkpoint });
+    else if (action === "swap") await adminCall("POST", `${path}/swap`, checkpoint ? { checkpoint } : {});
     else await adminCall("DELETE", path);
     await loadModels();
     await adminList();
