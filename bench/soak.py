@@ -163,6 +163,8 @@ async def soak(args: argparse.Namespace, root: str, keys: dict[str, str], checkp
             current = 0
             while time.perf_counter() + args.swap_every < deadline:
                 await asyncio.sleep(args.swap_every)
+                if time.perf_counter() >= deadline:  # the previous swap ran long
+                    break
                 current = 1 - current
                 started = time.perf_counter()
                 response = await client.post(
