@@ -71,9 +71,17 @@ def plot_matrix(record: dict[str, Any], path: Path) -> None:
     ax_mem.set_ylim(0, 1.25 * max(max(v) for v in bars.values()))  # room for the legend above the bars
     ax_mem.legend(ncol=len(bars), fontsize=8, loc="upper left")
 
+    save_figure(fig, record, "lape-awq serving matrix", path)
+
+
+def save_figure(fig: Any, record: dict[str, Any], title: str, path: Path) -> None:
+    """`fig` titled `title` with the record's machine, date and commit, written as PNG to `path`
+    atomically, then closed."""
+    import matplotlib.pyplot as plt
+
     machine = record["machine"]
     fig.suptitle(
-        f"lape-awq serving matrix: {machine['gpu'] or machine['cpu']} ({machine['cores']} cores), "
+        f"{title}: {machine['gpu'] or machine['cpu']} ({machine['cores']} cores), "
         f"{record['date'][:10]}, commit {record['commit']}"
     )
     fig.tight_layout()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import re
 import secrets
@@ -32,8 +31,8 @@ from lape_awq.bench.formatting import MiB
 from lape_awq.bench.process_memory import total_rss
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.bench.serve_load import RequestSample, load_prompts, percentiles, stream_one
+from lape_awq.bench.serve_plots import save_figure
 from lape_awq.quant.errors import UserError
-from lape_awq.quant.file_io import write_atomic
 
 NAME = "chat"
 # Client mistakes sent during the soak; each must get a 4xx and leave the server serving.
@@ -263,16 +262,7 @@ def plot_soak(record: dict[str, Any], path: Path) -> None:
         )
     ax_rss.set(xlabel="minutes", ylabel="MiB", title="Server memory (trend: after warm-up, outside swaps)")
     ax_rss.legend(fontsize=8)
-    machine = record["machine"]
-    fig.suptitle(
-        f"lape-awq soak: {record['settings']['clients']} clients, {machine['gpu'] or machine['cpu']} "
-        f"({machine['cores']} cores), {record['date'][:10]}, commit {record['commit']}"
-    )
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, png.getvalue())
+    save_figure(fig, record, f"lape-awq soak, {record['settings']['clients']} clients", path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
