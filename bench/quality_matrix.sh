@@ -35,4 +35,16 @@ q awq-v8-mix8 --method awq --vocab-bits 8
 q awq-v4-mix8 --method awq
 q awq-opt-v4-mix8 --method awq-opt --neurons "$E/neurons.safetensors"
 evals vocab awq-v8-mix8 awq-v4-mix8 awq-opt-v4-mix8
-echo "results in $E/{decoder,vocab}-{koen,other}"
+
+# Part 3: GPTQ and AWQ + GPTQ in the same format, with and without kept neurons (FP16 vocabulary, like
+# part 1, so they compare with its awq-mix8 / awq-opt-mix8); c64: 64 calibration sequences, not 16.
+q gptq-mix8 --method gptq "${V16[@]}"
+q gptq-opt-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" "${V16[@]}"
+q gptq-opt-random-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" --random-neurons "${V16[@]}"
+q awq-gptq-mix8 --method awq-gptq "${V16[@]}"
+q awq-gptq-opt-mix8 --method awq-gptq-opt --neurons "$E/neurons.safetensors" "${V16[@]}"
+q gptq-c64-mix8 --method gptq --calib-samples 64 "${V16[@]}"
+q gptq-opt-c64-mix8 --method gptq-opt --calib-samples 64 --neurons "$E/neurons.safetensors" "${V16[@]}"
+evals gptq gptq-mix8 gptq-opt-mix8 gptq-opt-random-mix8 awq-gptq-mix8 awq-gptq-opt-mix8 gptq-c64-mix8 \
+  gptq-opt-c64-mix8
+echo "results in $E/{decoder,vocab,gptq}-{koen,other}"

@@ -133,19 +133,38 @@ def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str,
     return (base - ppl) / (base - fp) if base != fp else None
 
 
+# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-c64][-v4|-v8]-CALIBRATION. NEURONS says which kept
+# neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the --neuron-rule variants).
+_KEPT_PARTS = ("opt", "random", "top4", "deep", "lsens", "sens")
+_VOCAB_PARTS = ("v4", "v8")
+
+
 def _calibration_baseline(name: str, models: dict[str, Any]) -> str | None:
-    """The plain AWQ checkpoint with the same vocabulary and calibration (quality_matrix.sh's naming:
-    awq-opt[-random|-top4][-v4|-v8]-CALIBRATION -> awq[-v4|-v8]-CALIBRATION)."""
-    if not name.startswith("awq-opt"):
+    """The plain AWQ checkpoint with the same vocabulary and calibration as `name` (awq-opt-v4-mix8,
+    gptq-mix8 -> awq[-v4]-mix8), when it is another checkpoint of the group."""
+    parts = name.split("-")
+    if len(parts) < 2:
         return None
-    candidate = "-".join(part for part in name.split("-") if part not in ("opt", "random", "top4"))
-    return candidate if candidate in models else None
+    candidate = "-".join(["awq", *(p for p in parts if p in _VOCAB_PARTS), parts[-1]])
+    return candidate if candidate in models and candidate != name else None
+
+
+def _kept_baseline(name: str, models: dict[str, Any]) -> str | None:
+    """For a checkpoint with kept neurons, the same recipe without them (gptq-opt-mix8 -> gptq-mix8), when
+    that is not already its plain-AWQ baseline."""
+    parts = name.split("-")
+    if "opt" not in parts:
+        return None
+    candidate = "-".join(p for p in parts if p not in _KEPT_PARTS)
+    fit = candidate in models and candidate != _calibration_baseline(name, models)
+    return candidate if fit else None
 
 
 def quality_table(group: dict[str, Any]) -> str:
     """Every checkpoint of one eval group: perplexity (and its change vs FP) per language, KL(FP || Q)
-    and top-1 agreement (per language for two languages, else their means), and for AWQ-opt checkpoints
-    the share of the same-calibration AWQ's ko gap they close."""
+    and top-1 agreement (per language for two languages, else their means), and with Korean the share of
+    the same-calibration AWQ's ko gap each checkpoint closes, and for kept neurons on another method,
+    the share of that method's gap they close."""
     langs, models, ref = group["langs"], group["models"], group["reference"]
     wide = len(langs) <= 2
     head = [f"{lang} ppl (vs FP)" for lang in langs]
@@ -154,8 +173,13 @@ def quality_table(group: dict[str, Any]) -> str:
         if wide
         else ["mean KL", "mean top-1"]
     )
-    with_gap = "ko" in langs and any(_calibration_baseline(n, models) for n in models)
-    head += ["ko gap closed vs same-calibration AWQ"] if with_gap else []
+    baselines = [_calibration_baseline, _kept_baseline] if "ko" in langs else []
+    baselines = [b for b in baselines if any(b(n, models) for n in models)]
+    titles = {
+        _calibration_baseline: "ko gap closed vs same-calibration AWQ",
+        _kept_baseline: "ko gap closed by the kept neurons (vs the same method without)",
+    }
+    head += [titles[b] for b in baselines]
     lines = ["| checkpoint | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for name, results in models.items():
         cells = [_ppl_cell(results[lang], name == ref) for lang in langs]
@@ -168,8 +192,8 @@ def quality_table(group: dict[str, Any]) -> str:
                 cells += [number(x, 3) for x in kl] + [percent(x) for x in top1]
             else:
                 cells += [number(sum(kl) / len(kl), 3), percent(sum(top1) / len(top1))]
-            if with_gap:
-                base = _calibration_baseline(name, models)
+            for baseline in baselines:
+                base = baseline(name, models)
                 share = gap_closed(models, name, base, ref, "ko") if base else None
                 cells.append("" if share is None else f"{percent(share)} (vs {base})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -304,10 +328,11 @@ def pipeline_table(record: dict[str, Any]) -> str:
 
 QUALITY_NOTE = """\
 Reproduce: `bash bench/quality_matrix.sh`. Perplexity on held-out text, KL(FP || Q) in nats per token,
-top-1 agreement with FP. Names: method, then the vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the
-default 2,048 Korean rows kept; none: FP16), then calibration (`en`: English only, as in the AWQ paper;
-`mix8`: the 8 languages, the default); `random`: as many random neurons as LAPE found (the control);
-`top4`: LAPE top-rate 0.04. Tables merge the evals of every dated run on the same texts."""
+top-1 agreement with FP. Names: method (`awq`, `gptq`, `awq-gptq`; `-opt`: with kept neurons), then the
+vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the default 2,048 Korean rows kept; none: FP16), then
+calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`: 64
+sequences instead of 16); `random`: as many random neurons as LAPE found (the control); `top4`: LAPE
+top-rate 0.04. Tables merge the evals of every dated run on the same texts."""
 VOCAB_NOTE = """\
 Reproduce: `lape-awq bench vocab`. The default model with its decoder in float and only its vocabulary (the
 tied embedding / LM head) quantized, so the table isolates the vocabulary: perplexity change against float,

@@ -61,10 +61,21 @@ def quantize_groups(
         raise ValueError(f"in_features {in_features} is not a multiple of group size {group_size}")
     w = w.float()
     grouped = w.reshape(out_features, -1, group_size)
-    if skip_cols is None:
+    skip = None if skip_cols is None else skip_cols.reshape(1, -1, group_size)
+    scales, zeros = group_params(grouped, skip, bits)
+    codes = round_to_codes(grouped, scales.unsqueeze(-1), zeros.unsqueeze(-1), bits)
+    return GroupQuant(codes.reshape(w.shape).int(), zeros.int(), scales, group_size)
+
+
+def group_params(
+    grouped: torch.Tensor, skip: torch.Tensor | None = None, bits: int = BITS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (fp16-exact float32) and zero points (float, integral) of float32 weights grouped as
+    [out, groups, g] from each group's min/max, leaving out the columns `skip` (bool, broadcast to
+    `grouped`) marks. `quantize_groups`' formula, shared with GPTQ (quant/awq/gptq.py)."""
+    if skip is None:
         wmax, wmin = grouped.amax(dim=-1), grouped.amin(dim=-1)
     else:
-        skip = skip_cols.reshape(1, -1, group_size)
         wmax = grouped.masked_fill(skip, -torch.inf).amax(dim=-1)
         wmin = grouped.masked_fill(skip, torch.inf).amin(dim=-1)
         empty = torch.isinf(wmax)  # a group whose every column is kept
@@ -73,8 +84,14 @@ def quantize_groups(
     max_code = 2**bits - 1
     scales = ((wmax - wmin).clamp_min(1e-5) / max_code).half().float()
     zeros = (-torch.round(wmin / scales)).clamp(0, max_code)
-    codes = (torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, max_code)
-    return GroupQuant(codes.reshape(w.shape).int(), zeros.int(), scales, group_size)
+    return scales, zeros
+
+
+def round_to_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int = BITS
+) -> torch.Tensor:
+    """Round-to-nearest codes (float, 0 .. 2**bits - 1) of `w` on the grid (scales, zeros) broadcast to it."""
+    return (torch.round(w / scales) + zeros).clamp(0, 2**bits - 1)
 
 
 def fake_quantize(

@@ -19,8 +19,10 @@ from lape_awq.bench.report import (
     DEFAULT_AWQ_OPT,
     END,
     RESULTS,
+    eval_groups,
     find_sources,
     judge_win_rate,
+    quality_table,
     replace_results,
     results_section,
     seed_table,
@@ -467,3 +469,30 @@ def test_every_benchmark_is_a_bench_subcommand_and_runs_as_a_module(capsys) -> N
     assert done.returncode == 0 and "lape-awq bench lape" in done.stdout and "--seq-len" in done.stdout
     done = module("lape_awq.bench.kernels", "--models", "gpt-5")
     assert done.returncode == 2 and "lape-awq: error: unknown model(s)" in done.stderr
+
+
+def test_quality_table_closes_gaps_against_awq_and_against_the_same_method(tmp_path: Path) -> None:
+    """Another method is scored against the same-calibration AWQ, and its kept neurons against the same
+    method without them; an AWQ-opt row only against AWQ (the two baselines are one)."""
+    data = _eval(
+        {
+            "fp": (20.0, 16.0, 0.0, 1.0),
+            "awq-mix8": (30.0, 20.0, 0.4, 0.6),
+            "awq-opt-mix8": (28.0, 20.0, 0.3, 0.7),
+            "gptq-mix8": (26.0, 19.0, 0.3, 0.7),
+            "gptq-opt-sens-mix8": (24.0, 19.0, 0.2, 0.8),
+        }
+    )
+    (tmp_path / "eval.json").write_text(json.dumps(data))
+    [group] = eval_groups([tmp_path / "eval.json"])
+    lines = quality_table(group).splitlines()
+    assert lines[0].endswith(
+        "| ko gap closed vs same-calibration AWQ "
+        "| ko gap closed by the kept neurons (vs the same method without) |"
+    )
+    rows = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert rows["awq-opt-mix8"].endswith("| 20.0% (vs awq-mix8) |  |")
+    assert rows["gptq-mix8"].endswith("| 40.0% (vs awq-mix8) |  |")
+    # (30 - 24) / (30 - 20) against AWQ; (26 - 24) / (26 - 20) against GPTQ
+    assert rows["gptq-opt-sens-mix8"].endswith("| 60.0% (vs awq-mix8) | 33.3% (vs gptq-mix8) |")
+    assert rows["awq-mix8"].endswith("|  |  |")

@@ -122,7 +122,7 @@ def test_a_default_checkpoint_of_an_earlier_recipe_is_found_stale(tmp_path: Path
     neurons.write_bytes(b"neurons")
     recipe = {
         "method": "awq-opt",
-        "quant_spec": asdict(QuantSpec("awq")),
+        "quant_spec": QuantSpec("awq").record(),
         "vocab_spec": asdict(default_vocab(("ko",))),
     }
     manifest = {**json.loads(json.dumps(recipe)), "neurons_file": {"sha256": sha256_file(neurons)}}

@@ -79,7 +79,7 @@ def ensure_default_checkpoints(
         keep = KeepSpec(ensure_neurons_file(model_dir, progress)) if method == "awq-opt" else None
         vocab = default_vocab(keep.langs if keep is not None else ())
         if (out / "config.json").is_file():
-            recipe = {"method": method, "quant_spec": asdict(spec), "calibration": asdict(calib)}
+            recipe = {"method": method, "quant_spec": spec.record(), "calibration": calib.record()}
             stale = stale_reason(out, {**recipe, "vocab_spec": asdict(vocab)}, keep and keep.neurons_file)
             if stale is None:
                 read_checkpoint(out)  # a damaged checkpoint is refused here, not by a half-started engine

@@ -26,6 +26,8 @@ class ScaleSearch:
     norm_weight_offset: float = 0.0  # a norm `smooth` multiplies by (offset + weight)
     keep_rows: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)
     keep_cols: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)
+    # per calibration chunk, each sequence's weight in the statistics and the loss (None: unweighted)
+    weights: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -35,12 +37,28 @@ def fake_quantize_linear(group: ScaleSearch, linear: nn.Linear, weight: torch.Te
 
 @torch.no_grad()
 def search_scales(
-    group: ScaleSearch, group_size: int, n_grid: int = 20, duo_scaling: bool = True
+    group: ScaleSearch,
+    group_size: int,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    identity: bool = False,
 ) -> torch.Tensor:
     """The grid search over s = mean|x|^a (/ mean|w|^(1-a) with duo scaling), normalised by
-    sqrt(max*min), scored by the MSE of `inspect`'s output with the linears fake-quantized."""
-    x_sum = sum(x.abs().float().reshape(-1, x.shape[-1]).sum(0) for x in group.inputs)
-    x_mean = x_sum / sum(x.numel() // x.shape[-1] for x in group.inputs)
+    sqrt(max*min), scored by the MSE of `inspect`'s output with the linears fake-quantized. With
+    `identity`, s = 1 is scored too (with duo scaling, a = 0 is 1 / mean|w|, not "no scaling"), and
+    wins ties."""
+    if group.weights is None:
+        x_sum = sum(x.abs().float().reshape(-1, x.shape[-1]).sum(0) for x in group.inputs)
+        x_mean = x_sum / sum(x.numel() // x.shape[-1] for x in group.inputs)
+    else:
+        x_sum = sum(
+            (x.abs().float() * _per_token(w, x)).reshape(-1, x.shape[-1]).sum(0)
+            for x, w in zip(group.inputs, group.weights, strict=True)
+        )
+        x_mean = x_sum / sum(
+            float(w.double().sum()) * (x[0].numel() // x.shape[-1])
+            for x, w in zip(group.inputs, group.weights, strict=True)
+        )
     weight = torch.cat([m.weight.float() for m in group.linears], dim=0)
     w = weight.reshape(-1, group_size).abs()
     w_mean = (w / (w.amax(dim=1, keepdim=True) + 1e-6)).reshape(weight.shape).mean(0)
@@ -48,10 +66,13 @@ def search_scales(
     reference = [group.inspect(c, x) for c, x in enumerate(group.inputs)]
     originals = [m.weight.detach().clone() for m in group.linears]
     best_loss, best_scales = torch.inf, torch.ones_like(x_mean)
+    candidates = [None] if identity else []
+    candidates += [step / n_grid for step in range(n_grid)]
     try:
-        for step in range(n_grid):
-            ratio = step / n_grid
-            if duo_scaling:
+        for ratio in candidates:
+            if ratio is None:
+                s = torch.ones_like(x_mean)
+            elif duo_scaling:
                 s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp_min(1e-4)
             else:
                 s = x_mean.pow(ratio).clamp_min(1e-4)
@@ -59,16 +80,34 @@ def search_scales(
             for m, w0 in zip(group.linears, originals, strict=True):
                 scaled = w0.float() * s
                 m.weight.copy_((fake_quantize_linear(group, m, scaled, group_size) / s).to(w0.dtype))
-            loss = sum(
-                (group.inspect(c, x).float() - ref.float()).pow(2).sum()
-                for c, (x, ref) in enumerate(zip(group.inputs, reference, strict=True))
-            ) / sum(ref.numel() for ref in reference)
+            loss = _loss(group, reference)
             if loss < best_loss:
                 best_loss, best_scales = float(loss), s.clone()
     finally:
         for m, w0 in zip(group.linears, originals, strict=True):
             m.weight.copy_(w0)
     return best_scales
+
+
+def _per_token(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sequence weights [b] shaped to broadcast over a chunk's [b, ..., features] tensor."""
+    return weights.to(torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _loss(group: ScaleSearch, reference: list[torch.Tensor]) -> torch.Tensor:
+    """The (token-weighted) mean squared error of `inspect`'s outputs against the float ones."""
+    if group.weights is None:
+        return sum(
+            (group.inspect(c, x).float() - ref.float()).pow(2).sum()
+            for c, (x, ref) in enumerate(zip(group.inputs, reference, strict=True))
+        ) / sum(ref.numel() for ref in reference)
+    total = sum(
+        ((group.inspect(c, x).float() - ref.float()).pow(2) * _per_token(w, ref)).sum()
+        for c, (x, ref, w) in enumerate(zip(group.inputs, reference, group.weights, strict=True))
+    )
+    return total / sum(
+        float(w.double().sum()) * ref[0].numel() for ref, w in zip(reference, group.weights, strict=True)
+    )
 
 
 @torch.no_grad()
@@ -98,11 +137,15 @@ def search_clip(
     max_shrink: float = 0.5,
     n_sample_tokens: int = 512,
     out_batch: int = 256,
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per (output channel, group) the max |w| that minimises the group's partial-output MSE when the
-    weights are clamped to it and quantized. Kept input columns stay exact and out of the range."""
+    weights are clamped to it and quantized. Kept input columns stay exact and out of the range.
+    `weights`, per chunk of `inputs`, weighs each sequence's tokens in the MSE (None: unweighted)."""
     weight = linear.weight.float()
     out_features, in_features = weight.shape
+    if weights is not None:  # w * (x . dw)^2 == (sqrt(w) x . dw)^2
+        inputs = [t.float() * _per_token(w, t).sqrt() for t, w in zip(inputs, weights, strict=True)]
     x = torch.cat([t.reshape(-1, in_features) for t in inputs]).float()
     x = x[:: max(1, x.shape[0] // n_sample_tokens)][:n_sample_tokens]
     x = x.reshape(x.shape[0], -1, group_size)  # tokens, groups, g

@@ -1,4 +1,5 @@
-"""The `quantize` subcommand: RTN, AWQ or AWQ-opt checkpoint from a float model."""
+"""The `quantize` subcommand: an RTN, AWQ, GPTQ or AWQ + GPTQ checkpoint from a float model, the last three
+optionally with kept FP16 neurons (awq-opt, gptq-opt, awq-gptq-opt)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,28 @@ from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
 from lape_awq.quant.cli.arguments import add_model_argument, csv_list
 from lape_awq.quant.errors import UserError
+from lape_awq.quant.lape.kept_neurons import RULES
 from lape_awq.quant.vocab.quantizer import DEFAULT_BITS, DEFAULT_GROUP_SIZE, DEFAULT_KEPT_ROWS, VocabSpec
+
+# Every QuantSpec method, and the three with AWQ's or GPTQ's calibration with kept FP16 neurons.
+CLI_METHODS = ("rtn", "awq", "awq-opt", "gptq", "gptq-opt", "awq-gptq", "awq-gptq-opt")
 
 
 def add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "quantize",
-        help="write a 4-bit checkpoint: rtn, awq or awq-opt (AWQ + the target language's neurons in FP16)",
+        help="write a 4-bit checkpoint: rtn, awq, gptq, awq-gptq, or awq-opt / gptq-opt / awq-gptq-opt "
+        "(the same + the target language's neurons in FP16)",
         description="Quantize a float model to W4 (group-wise, asymmetric, AutoAWQ gemm layout). "
-        "awq-opt keeps the LAPE neurons of --keep-lang in FP16 as a sparse part; "
-        "its neurons file is made first if missing. The vocabulary (embedding / LM head) is quantized to "
-        "--vocab-bits, with the rows of --keep-vocab-lang kept in FP16 (awq-opt: --keep-lang's).",
+        "awq: AWQ's scales and clipping, then round to nearest; gptq: GPTQ's Hessian-compensated rounding; "
+        "awq-gptq: AWQ's scales, then GPTQ's rounding. The -opt methods keep the LAPE neurons of "
+        "--keep-lang in FP16 as a sparse part; "
+        "their neurons file is made first if missing. The vocabulary (embedding / LM head) is quantized to "
+        "--vocab-bits, with the rows of --keep-vocab-lang kept in FP16 (-opt methods: --keep-lang's).",
     )
     add_model_argument(parser)
     defaults, calib = QuantSpec(), CalibrationSpec()
-    parser.add_argument("--method", choices=("rtn", "awq", "awq-opt"), default="awq-opt")
+    parser.add_argument("--method", choices=CLI_METHODS, default="awq-opt")
     parser.add_argument(
         "--out", type=Path, help="checkpoint directory (default: $LAPE_AWQ_HOME/checkpoints/...)"
     )
@@ -36,7 +44,17 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--keep-lang", type=csv_list, default=("ko",), help="languages whose neurons stay FP16"
     )
-    parser.add_argument("--max-neurons", type=int, help="keep at most this many neurons (lowest LAPE first)")
+    parser.add_argument(
+        "--max-neurons", type=int, help="keep at most this many neurons (default: as many as LAPE finds)"
+    )
+    parser.add_argument(
+        "--neuron-rule",
+        choices=RULES,
+        default="lape",
+        help="how the kept neurons are chosen within that budget: LAPE's, lowest entropy first (lape); "
+        "LAPE's of the deeper half of the layers (lape-deep); LAPE's ranked by their 4-bit error on the "
+        "language's text (lape-sensitive); any neuron by that error alone (sensitive)",
+    )
     parser.add_argument("--random-neurons", action="store_true", help="control: same counts, random neurons")
     parser.add_argument(
         "--sparse-projections",
@@ -53,6 +71,15 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-samples", type=int, default=calib.samples)
     parser.add_argument("--calib-seqlen", type=int, default=calib.seqlen)
     parser.add_argument("--calib-text", type=Path, help="calibrate on this UTF-8 file instead")
+    parser.add_argument(
+        "--calib-weights",
+        type=language_weights,
+        default=(),
+        metavar="LANG=W,...",
+        help="weigh each calibration language's tokens in the objectives (GPTQ's Hessian, AWQ's searches), "
+        "e.g. ko=2,en=1; unlisted languages weigh 1, weight 0 leaves a language's sequences out "
+        "(--calib-samples counts them)",
+    )
     parser.add_argument("--group-size", type=int, default=defaults.group_size, choices=(32, 64, 128))
     parser.add_argument(
         "--vocab-bits",
@@ -74,6 +101,18 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
         help="budget of FP16 vocabulary rows, split between --keep-vocab-lang (0: none)",
     )
     parser.add_argument("--no-duo-scaling", action="store_true", help="scales from activations only")
+    parser.add_argument(
+        "--scale-identity",
+        action="store_true",
+        help="AWQ's scale search also scores 'no scaling' (s = 1), which its grid lacks",
+    )
+    parser.add_argument(
+        "--skip-scaling",
+        type=csv_list,
+        default=(),
+        metavar="GROUP,...",
+        help="AWQ scaling groups left unscaled (qkv: input norm -> q/k/v, vo, gate_up, down)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=_run_quantize)
@@ -84,14 +123,21 @@ def _run_quantize(args: argparse.Namespace) -> None:
     from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
     from lape_awq.quant.model_loading import resolve_model_dir
 
-    opt = args.method == "awq-opt"
-    if not opt and (args.neurons or args.max_neurons is not None or args.random_neurons):
-        raise UserError("--neurons, --max-neurons and --random-neurons are for --method awq-opt")
+    opt = args.method.endswith("-opt")
+    if not opt and (
+        args.neurons or args.max_neurons is not None or args.random_neurons or args.neuron_rule != "lape"
+    ):
+        raise UserError(
+            "--neurons, --max-neurons, --neuron-rule and --random-neurons are for --method awq-opt, gptq-opt "
+            "or awq-gptq-opt"
+        )
     spec = QuantSpec(
-        "rtn" if args.method == "rtn" else "awq",
+        args.method.removesuffix("-opt"),
         args.group_size,
         duo_scaling=not args.no_duo_scaling,
         search_aware=not args.naive_sparse,
+        scale_identity=args.scale_identity,
+        skip_scaling=tuple(args.skip_scaling),
         sparse_projections=tuple(args.sparse_projections),
     )
     calib = CalibrationSpec(
@@ -100,14 +146,17 @@ def _run_quantize(args: argparse.Namespace) -> None:
         args.calib_seqlen,
         args.seed,
         str(args.calib_text) if args.calib_text else None,
+        tuple(args.calib_weights),
     )
     model_dir = resolve_model_dir(args.model)
     keep = None
     if opt:
         neurons = args.neurons or ensure_neurons_file(model_dir, progress=not args.quiet)
-        keep = KeepSpec(neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed)
+        keep = KeepSpec(
+            neurons, tuple(args.keep_lang), args.max_neurons, args.random_neurons, args.seed, args.neuron_rule
+        )
     keep_vocab = args.keep_vocab_lang
-    if keep_vocab is None:  # AWQ-opt keeps its languages' rows of a quantized vocabulary
+    if keep_vocab is None:  # an -opt method keeps its languages' rows of a quantized vocabulary
         keep_vocab = args.keep_lang if opt and args.vocab_bits != 16 else ()
     vocab = VocabSpec(
         args.vocab_bits, args.vocab_group_size, tuple(keep_vocab), args.max_vocab_rows if keep_vocab else 0
@@ -130,6 +179,18 @@ def _run_quantize(args: argparse.Namespace) -> None:
         )
     if opt:
         print("kept neurons per layer: " + json.dumps(_kept_counts(out)))
+
+
+def language_weights(value: str) -> tuple[tuple[str, float], ...]:
+    """argparse type for `ko=2,en=0.5`: (language, weight) pairs."""
+    out = []
+    for item in csv_list(value):
+        lang, _, weight = item.partition("=")
+        try:
+            out.append((lang.strip(), float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give LANG=WEIGHT pairs, got {item!r}") from None
+    return tuple(out)
 
 
 def _kept_counts(out: Path) -> list[int]:

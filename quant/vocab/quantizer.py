@@ -78,15 +78,18 @@ HIDDEN_SAMPLES = 4
 
 
 @torch.no_grad()
-def hidden_second_moment(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def hidden_second_moment(
+    model: torch.nn.Module, batch: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """E[x_k^2] of the LM head's input (the final, normed hidden states) over the first HIDDEN_SAMPLES
-    calibration sequences: float64 [H]."""
+    calibration sequences: float64 [H]; `weights` weighs each sequence's tokens (None: all 1)."""
     total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-    count = 0
-    for seq in batch[:HIDDEN_SAMPLES].split(1):
+    count = 0.0
+    for i, seq in enumerate(batch[:HIDDEN_SAMPLES].split(1)):
         hidden = model.model(input_ids=seq, use_cache=False).last_hidden_state
-        total += hidden.double().pow(2).sum((0, 1))
-        count += hidden.shape[1]
+        w = 1.0 if weights is None else float(weights[i])
+        total += w * hidden.double().pow(2).sum((0, 1))
+        count += w * hidden.shape[1]
     return total / count
 
 
