@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from lape_awq.quant.architectures import architecture_of
 from lape_awq.quant.awq.quantizer import QuantSpec, quantize_models
-from lape_awq.quant.calibration import CalibrationSpec, weighted_calibration_batch
+from lape_awq.quant.calibration import CalibrationSpec, calibration_batch, weighted_calibration_batch
 from lape_awq.quant.checkpoint.layout import EMBEDDING, LM_HEAD, vocab_modules
 from lape_awq.quant.checkpoint.writer import refuse_existing, write_checkpoint
 from lape_awq.quant.errors import UserError
@@ -109,6 +110,7 @@ def quantize_checkpoints(
     model, tokenizer = load_causal_lm(model_dir, torch.float32)
     for vocab in vocabs:
         vocab.check_fits(model.config.hidden_size)
+    spec.check_fits(architecture_of(model))  # before the vocabulary's and neurons' minutes of work
     model_hash = config_hash(model.config)
     kept = [
         _kept_neurons(build.keep, nf, model_hash, model, tokenizer, spec, calib, progress)
@@ -189,7 +191,7 @@ def _kept_neurons(
     sensitivity = None
     if keep.rule in SENSITIVE_RULES:
         text = CalibrationSpec(keep.langs, SENSITIVITY_SAMPLES, calib.seqlen, calib.seed)
-        batch = weighted_calibration_batch(tokenizer, text)[0]
+        batch = calibration_batch(tokenizer, text)
         sensitivity = neuron_sensitivity(model, batch, spec.group_size, progress=progress)
     kept = select_neurons(nf, list(keep.langs), keep.rule, keep.max_neurons, sensitivity)
     return random_like(kept, nf.entropy.shape[1], keep.seed) if keep.random_control else kept

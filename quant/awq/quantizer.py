@@ -65,6 +65,15 @@ class QuantSpec:
                 f"sparse projections must be among {', '.join(MLP_PROJECTIONS)}, got {', '.join(bad)}"
             )
 
+    def check_fits(self, arch: Architecture) -> None:
+        """UserError unless every group of `skip_scaling` is one of the family's scaling groups."""
+        unknown = set(self.skip_scaling) - {group.name for group in arch.scaling}
+        if unknown:
+            raise UserError(
+                f"no scaling group {', '.join(sorted(unknown))} in {arch.name} "
+                f"(its groups: {', '.join(group.name for group in arch.scaling)})"
+            )
+
     def record(self) -> dict[str, Any]:
         """The spec as the checkpoint manifest records it: the options added later are left out at their
         defaults, so checkpoints made before they existed still match their recipe."""
@@ -167,12 +176,7 @@ def quantize_models(
     if len(kept) != len(models):
         raise ValueError(f"{len(models)} models but {len(kept)} kept-neuron lists")
     arch = architecture_of(models[0])
-    unknown = set(spec.skip_scaling) - {group.name for group in arch.scaling}
-    if unknown:
-        raise UserError(
-            f"no scaling group {', '.join(sorted(unknown))} in {arch.name} "
-            f"(its groups: {', '.join(group.name for group in arch.scaling)})"
-        )
+    spec.check_fits(arch)
     layers = [decoder_layers(model) for model in models]
     for keep in kept:
         if keep is not None and len(keep) != len(layers[0]):

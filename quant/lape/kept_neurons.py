@@ -12,16 +12,22 @@ from lape_awq.quant.lape.neurons_file import NeuronsFile
 def language_neurons(nf: NeuronsFile, langs: list[str], max_neurons: int | None = None) -> list[torch.Tensor]:
     """Per layer, sorted int64 indices of the neurons of any of `langs`; with `max_neurons`, only that
     many, lowest LAPE entropy first (the most language-specific)."""
-    if not langs:
-        raise UserError("give at least one --keep-lang")
-    mask = torch.zeros_like(nf.entropy, dtype=torch.bool)
-    for lang in langs:
-        mask |= nf.mask(lang)
+    mask = language_mask(nf, langs)
     if max_neurons is not None:
         if max_neurons < 0:
             raise UserError(f"--max-neurons must be >= 0, got {max_neurons}")
         return lowest_scoring(mask, torch.where(mask, nf.entropy, torch.inf), max_neurons)
     return [row.nonzero().flatten() for row in mask]
+
+
+def language_mask(nf: NeuronsFile, langs: list[str]) -> torch.Tensor:
+    """[layers, neurons] bool: the LAPE neurons of any of `langs`."""
+    if not langs:
+        raise UserError("give at least one --keep-lang")
+    mask = torch.zeros_like(nf.entropy, dtype=torch.bool)
+    for lang in langs:
+        mask |= nf.mask(lang)
+    return mask
 
 
 # How the kept neurons are chosen within the budget (--max-neurons; default: as many as LAPE finds):
@@ -47,9 +53,7 @@ def select_neurons(
         return language_neurons(nf, langs, max_neurons)
     if rule not in RULES:
         raise UserError(f"unknown neuron rule {rule!r} (one of {', '.join(RULES)})")
-    lape = torch.zeros_like(nf.entropy, dtype=torch.bool)
-    for kept_layer, row in zip(language_neurons(nf, langs), lape, strict=True):
-        row[kept_layer] = True
+    lape = language_mask(nf, langs)
     budget = int(lape.sum()) if max_neurons is None else max_neurons
     if budget < 0:
         raise UserError(f"--max-neurons must be >= 0, got {budget}")
