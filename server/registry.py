@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lape_awq.server.checkpoint_roots import CheckpointRoots
-from lape_awq.server.engines import EngineOptions, LoadedEngine, LoadError
+from lape_awq.server.engines import EngineOptions, LoadedEngine, LoadError, release_engine_memory
 from lape_awq.server.openai_errors import ApiError
 
 log = logging.getLogger("lape_awq.server")
@@ -186,6 +186,8 @@ class ModelRegistry:
         except LoadError as error:
             slot.last_error = str(error)
             log.warning("loading %s for %s failed: %s", checkpoint, slot.name, error)
+            # A start that failed late had loaded a tokenizer into vLLM's caches, as a stopped engine has.
+            await asyncio.to_thread(release_engine_memory)
             raise
         finally:
             slot.pending = None
@@ -215,6 +217,8 @@ class ModelRegistry:
             await engine.shutdown()
         finally:
             self.draining.remove(engine)
+        del engine  # the last reference: what the engine held can be freed now
+        await asyncio.to_thread(release_engine_memory)
 
     # --- dead engines ---------------------------------------------------------------------------------
 
