@@ -5,7 +5,8 @@ checks that vLLM finds the method through the plugin entry point. Tiny random Ll
 with vLLM-compatible head size; their kept neurons get large random FP16 residuals so that a lost,
 misplaced or mis-sharded sparse term moves the logprobs far beyond the tolerance. Gemma 3 and Qwen2 (tied)
 and an untied Llama also carry a quantized vocabulary whose kept rows (the prompts' tokens among them) get
-the same treatment.
+the same treatment. AWQ makes most checkpoints; a GPTQ and an AWQ + GPTQ one check that those methods' codes
+and kept columns run unchanged.
 """
 
 from __future__ import annotations
@@ -75,13 +76,16 @@ def prompts(tokenizer) -> list[list[int]]:
     return [tokenizer(text).input_ids for text in PROMPT_TEXTS]
 
 
-# Checkpoint -> (architecture, kept neurons, vocabulary bits or None for FP16, tied vocabulary).
+# Checkpoint -> (architecture, kept neurons, vocabulary bits or None for FP16, tied vocabulary, method).
 CHECKPOINTS = {
-    "llama-opt": ("llama", KEPT, None, True),
-    "llama-awq": ("llama", None, None, True),
-    "qwen2-opt": ("qwen2", KEPT, 8, True),
-    "gemma3-opt": ("gemma3", KEPT, 4, True),
-    "llama-untied-v4": ("llama", None, 4, False),
+    "llama-opt": ("llama", KEPT, None, True, "awq"),
+    "llama-awq": ("llama", None, None, True, "awq"),
+    "qwen2-opt": ("qwen2", KEPT, 8, True, "awq"),
+    "gemma3-opt": ("gemma3", KEPT, 4, True, "awq"),
+    "llama-untied-v4": ("llama", None, 4, False, "awq"),
+    # GPTQ's codes are in the same format; the kept down columns hold compensated values, not the dense.
+    "qwen2-gptq-opt": ("qwen2", KEPT, None, True, "gptq"),
+    "gemma3-awq-gptq-opt": ("gemma3", KEPT, None, True, "awq-gptq"),
 }
 VOCAB_ROWS = ("model.embed_tokens.sparse_rows", "lm_head.sparse_rows")
 
@@ -94,12 +98,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer, prompts) ->
     # the last token.
     kept_rows = torch.tensor(sorted({0, len(tokenizer) - 1, *(t for p in prompts for t in p)}))
     made = {}
-    for name, (arch, kept, bits, tied) in CHECKPOINTS.items():
+    for name, (arch, kept, bits, tied, method) in CHECKPOINTS.items():
         model = build_tiny_model(arch, len(tokenizer), **VLLM_ATTENTION, tie_word_embeddings=tied)
         with torch.no_grad():  # sharper next-token distributions than a fresh init's near-uniform ones
             model.get_input_embeddings().weight.mul_(8)
         vocab = None if bits is None else quantized_vocab(model, bits, kept_rows)
-        quantized = quantize_model(model, calib, QuantSpec("awq", group_size=32), kept=kept, progress=False)
+        quantized = quantize_model(model, calib, QuantSpec(method, group_size=32), kept=kept, progress=False)
         write(root / name, model, tokenizer, quantized, kept, vocab=vocab)
         if kept or vocab:
             boost_residuals(root / name, seed=len(made))
@@ -248,6 +252,8 @@ def engine_results(checkpoints: dict[str, Path], prompts: list[list[int]]) -> di
         "llama-opt-fp16": {"model": str(checkpoints["llama-opt"]), "dtype": "float16"},
         "llama-untied-v4": {"model": str(checkpoints["llama-untied-v4"])},
         "qwen2-opt-fp16": {"model": str(checkpoints["qwen2-opt"]), "dtype": "float16"},
+        "qwen2-gptq-opt": {"model": str(checkpoints["qwen2-gptq-opt"])},
+        "gemma3-awq-gptq-opt": {"model": str(checkpoints["gemma3-awq-gptq-opt"])},
     }
     results = run_engines([{**job, "prompts": prompts, "max_tokens": 6} for job in jobs.values()])
     return dict(zip(jobs, results, strict=True))
@@ -258,6 +264,8 @@ ENGINE_JOBS = [f"{arch}-opt" for arch in ARCHITECTURES] + [
     "llama-opt-fp16",
     "llama-untied-v4",
     "qwen2-opt-fp16",
+    "qwen2-gptq-opt",
+    "gemma3-awq-gptq-opt",
 ]
 
 
