@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The README's quality tables: every recipe on the default model, then `lape-awq eval` on all of them.
-# About 75 minutes on the 2-core CPU (ten AWQ runs of ~6.5 min each, two LAPE runs, four evals).
+# About 110 minutes on the 2-core CPU (thirteen AWQ runs of ~6.5 min each, six GPTQ runs of 1.5-8 min, two
+# LAPE runs, six evals).
 # Usage: bash bench/quality_matrix.sh [WORK_DIR]
 #
-# Two parts, each its own eval files (the report merges evals of the same texts):
+# Three parts, each its own eval files (the report merges evals of the same texts):
 # - the decoder recipes with the FP16 vocabulary (`--vocab-bits 16`), so they compare methods,
 #   calibrations and neuron controls alone (bench/results/quality_2026-11-25);
 # - the vocabulary at 8 and 4 bits on the default decoder recipe: `awq-v4-mix8` and `awq-opt-v4-mix8`
-#   are exactly the default checkpoints of `lape-awq quantize` (bench/results/quality_2026-12-02).
+#   are exactly the default checkpoints of `lape-awq quantize` (bench/results/quality_2026-12-02);
+# - GPTQ, AWQ + GPTQ and the language-weighted calibration with the FP16 vocabulary, beside part 1's
+#   (bench/results/quality_2026-12-07).
 set -euo pipefail
 E=${1:-$(mktemp -d)}
 MIX=ko,en,zh,ja,fr,es,vi,id
@@ -37,7 +40,8 @@ q awq-opt-v4-mix8 --method awq-opt --neurons "$E/neurons.safetensors"
 evals vocab awq-v8-mix8 awq-v4-mix8 awq-opt-v4-mix8
 
 # Part 3: GPTQ and AWQ + GPTQ in the same format, with and without kept neurons (FP16 vocabulary, like
-# part 1, so they compare with its awq-mix8 / awq-opt-mix8); c64: 64 calibration sequences, not 16.
+# part 1, so they compare with its awq-mix8 / awq-opt-mix8); c64: 64 calibration sequences, not 16 (c128: 128);
+# ko2: Korean calibration tokens weigh twice the others' in the objectives.
 q gptq-mix8 --method gptq "${V16[@]}"
 q gptq-opt-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" "${V16[@]}"
 q gptq-opt-random-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" --random-neurons "${V16[@]}"
@@ -45,6 +49,8 @@ q awq-gptq-mix8 --method awq-gptq "${V16[@]}"
 q awq-gptq-opt-mix8 --method awq-gptq-opt --neurons "$E/neurons.safetensors" "${V16[@]}"
 q gptq-c64-mix8 --method gptq --calib-samples 64 "${V16[@]}"
 q gptq-opt-c64-mix8 --method gptq-opt --calib-samples 64 --neurons "$E/neurons.safetensors" "${V16[@]}"
+q gptq-c128-mix8 --method gptq --calib-samples 128 "${V16[@]}"
+q awq-opt-ko2-mix8 --method awq-opt --calib-weights ko=2 --neurons "$E/neurons.safetensors" "${V16[@]}"
 evals gptq gptq-mix8 gptq-opt-mix8 gptq-opt-random-mix8 awq-gptq-mix8 awq-gptq-opt-mix8 gptq-c64-mix8 \
-  gptq-opt-c64-mix8
+  gptq-opt-c64-mix8 gptq-c128-mix8 awq-opt-ko2-mix8
 echo "results in $E/{decoder,vocab,gptq}-{koen,other}"

@@ -133,19 +133,22 @@ def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str,
     return (base - ppl) / (base - fp) if base != fp else None
 
 
-# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-c64][-v4|-v8]-CALIBRATION. NEURONS says which kept
-# neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the --neuron-rule variants).
+# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-c64|-c128|-ko2][-v4|-v8]-CALIBRATION. NEURONS says
+# which kept neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the --neuron-rule
+# variants).
 _KEPT_PARTS = ("opt", "random", "top4", "deep", "lsens", "sens")
 _VOCAB_PARTS = ("v4", "v8")
+_CALIBRATION_PARTS = ("c64", "c128", "ko2")
 
 
 def _calibration_baseline(name: str, models: dict[str, Any]) -> str | None:
     """The plain AWQ checkpoint with the same vocabulary and calibration as `name` (awq-opt-v4-mix8,
-    gptq-mix8 -> awq[-v4]-mix8), when it is another checkpoint of the group."""
+    gptq-mix8 -> awq[-v4]-mix8; gptq-c64-mix8 -> awq-c64-mix8), when it is another checkpoint of the group."""
     parts = name.split("-")
     if len(parts) < 2:
         return None
-    candidate = "-".join(["awq", *(p for p in parts if p in _VOCAB_PARTS), parts[-1]])
+    kept = (p for p in parts if p in _CALIBRATION_PARTS + _VOCAB_PARTS)
+    candidate = "-".join(["awq", *kept, parts[-1]])
     return candidate if candidate in models and candidate != name else None
 
 
@@ -330,9 +333,10 @@ QUALITY_NOTE = """\
 Reproduce: `bash bench/quality_matrix.sh`. Perplexity on held-out text, KL(FP || Q) in nats per token,
 top-1 agreement with FP. Names: method (`awq`, `gptq`, `awq-gptq`; `-opt`: with kept neurons), then the
 vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the default 2,048 Korean rows kept; none: FP16), then
-calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`: 64
-sequences instead of 16); `random`: as many random neurons as LAPE found (the control); `top4`: LAPE
-top-rate 0.04. Tables merge the evals of every dated run on the same texts."""
+calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`, `c128`:
+64 or 128 sequences instead of 16; `ko2`: Korean tokens weigh 2 in the objectives); `random`: as many
+random neurons as LAPE found (the control); `top4`: LAPE top-rate 0.04. Tables merge the evals of every
+dated run on the same texts."""
 VOCAB_NOTE = """\
 Reproduce: `lape-awq bench vocab`. The default model with its decoder in float and only its vocabulary (the
 tied embedding / LM head) quantized, so the table isolates the vocabulary: perplexity change against float,

@@ -481,6 +481,10 @@ def test_quality_table_closes_gaps_against_awq_and_against_the_same_method(tmp_p
             "awq-opt-mix8": (28.0, 20.0, 0.3, 0.7),
             "gptq-mix8": (26.0, 19.0, 0.3, 0.7),
             "gptq-opt-sens-mix8": (24.0, 19.0, 0.2, 0.8),
+            "gptq-c64-mix8": (25.0, 19.0, 0.2, 0.8),  # more calibration: no AWQ of its calibration here
+            "gptq-ko2-mix8": (25.0, 19.0, 0.2, 0.8),
+            "gptq-c128-mix8": (25.0, 19.0, 0.2, 0.8),
+            "awq-c128-mix8": (27.0, 19.0, 0.2, 0.8),
         }
     )
     (tmp_path / "eval.json").write_text(json.dumps(data))
@@ -496,3 +500,6 @@ def test_quality_table_closes_gaps_against_awq_and_against_the_same_method(tmp_p
     # (30 - 24) / (30 - 20) against AWQ; (26 - 24) / (26 - 20) against GPTQ
     assert rows["gptq-opt-sens-mix8"].endswith("| 60.0% (vs awq-mix8) | 33.3% (vs gptq-mix8) |")
     assert rows["awq-mix8"].endswith("|  |  |")
+    assert rows["gptq-c64-mix8"].endswith("|  |  |")
+    assert rows["gptq-ko2-mix8"].endswith("|  |  |")
+    assert rows["gptq-c128-mix8"].endswith("| 28.6% (vs awq-c128-mix8) |  |")  # (27 - 25) / (27 - 20)
