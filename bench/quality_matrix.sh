@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's quality tables: every recipe on the default model, then `lape-awq eval` on all of them.
-# About 110 minutes on the 2-core CPU (thirteen AWQ runs of ~6.5 min each, six GPTQ runs of 1.5-8 min, two
+# About 125 minutes on the 2-core CPU (fifteen AWQ runs of ~6.5 min each, six GPTQ runs of 1.5-8 min, two
 # LAPE runs, six evals).
 # Usage: bash bench/quality_matrix.sh [WORK_DIR]
 #
@@ -40,8 +40,8 @@ q awq-opt-v4-mix8 --method awq-opt --neurons "$E/neurons.safetensors"
 evals vocab awq-v8-mix8 awq-v4-mix8 awq-opt-v4-mix8
 
 # Part 3: GPTQ and AWQ + GPTQ in the same format, with and without kept neurons (FP16 vocabulary, like
-# part 1, so they compare with its awq-mix8 / awq-opt-mix8); c64: 64 calibration sequences, not 16 (c128: 128);
-# ko2: Korean calibration tokens weigh twice the others' in the objectives.
+# part 1, so they compare with its awq-mix8 / awq-opt-mix8); c64, c128: 64 or 128 calibration sequences,
+# not 16; ko2: Korean calibration tokens weigh twice the others' in the objectives.
 q gptq-mix8 --method gptq "${V16[@]}"
 q gptq-opt-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" "${V16[@]}"
 q gptq-opt-random-mix8 --method gptq-opt --neurons "$E/neurons.safetensors" --random-neurons "${V16[@]}"
@@ -51,6 +51,11 @@ q gptq-c64-mix8 --method gptq --calib-samples 64 "${V16[@]}"
 q gptq-opt-c64-mix8 --method gptq-opt --calib-samples 64 --neurons "$E/neurons.safetensors" "${V16[@]}"
 q gptq-c128-mix8 --method gptq --calib-samples 128 "${V16[@]}"
 q awq-opt-ko2-mix8 --method awq-opt --calib-weights ko=2 --neurons "$E/neurons.safetensors" "${V16[@]}"
+# Other kept-neuron rules at LAPE's budget (79 Korean neurons on the default model): the most sensitive
+# neurons of all (no LAPE), and the most sensitive of the LAPE top-rate 0.04 candidates.
+q awq-opt-sens-mix8 --method awq-opt --neuron-rule sensitive --neurons "$E/neurons.safetensors" "${V16[@]}"
+q awq-opt-lsens-mix8 --method awq-opt --neuron-rule lape-sensitive --max-neurons 79 \
+  --neurons "$E/neurons-top4.safetensors" "${V16[@]}"
 evals gptq gptq-mix8 gptq-opt-mix8 gptq-opt-random-mix8 awq-gptq-mix8 awq-gptq-opt-mix8 gptq-c64-mix8 \
-  gptq-opt-c64-mix8 gptq-c128-mix8 awq-opt-ko2-mix8
+  gptq-opt-c64-mix8 gptq-c128-mix8 awq-opt-ko2-mix8 awq-opt-sens-mix8 awq-opt-lsens-mix8
 echo "results in $E/{decoder,vocab,gptq}-{koen,other}"

@@ -335,8 +335,9 @@ top-1 agreement with FP. Names: method (`awq`, `gptq`, `awq-gptq`; `-opt`: with 
 vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the default 2,048 Korean rows kept; none: FP16), then
 calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`, `c128`:
 64 or 128 sequences instead of 16; `ko2`: Korean tokens weigh 2 in the objectives); `random`: as many
-random neurons as LAPE found (the control); `top4`: LAPE top-rate 0.04. Tables merge the evals of every
-dated run on the same texts."""
+random neurons as LAPE found (the control); `top4`: LAPE top-rate 0.04; `sens`: as many neurons, the
+most sensitive on Korean text (no LAPE); `lsens`: the most sensitive of the `top4` candidates. Tables merge
+the evals of every dated run on the same texts."""
 VOCAB_NOTE = """\
 Reproduce: `lape-awq bench vocab`. The default model with its decoder in float and only its vocabulary (the
 tied embedding / LM head) quantized, so the table isolates the vocabulary: perplexity change against float,
