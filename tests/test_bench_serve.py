@@ -118,13 +118,20 @@ def test_matrix_runs_every_cell_twice_and_reports_memory_peers_and_the_skipped_c
     assert order == [
         (round_, c, name) for round_, names in enumerate([live, live[::-1]]) for c in (1, 2) for name in names
     ]
+    streamed = []  # per run, the most chunks one request arrived in
     for run in record["runs"]:
         summary, samples = run["summary"], run["samples"]
         assert summary["failed"] == 0 and summary["completed"] == len(samples) > 0
         assert all(s["ok"] and s["output_tokens"] == MAX_TOKENS for s in samples)
         assert summary["output_throughput"] == MAX_TOKENS * len(samples) / summary["duration_s"]
-        # every token arrives as its own chunk: one first token, then MAX_TOKENS - 1 gaps
-        assert all(0 < s["ttft"] < s["latency"] and len(s["itl"]) == MAX_TOKENS - 1 for s in samples)
+        # one gap per chunk after the first; vLLM merges a request's deltas into one chunk when its reader
+        # falls behind (RequestOutputCollector), as a loaded 2-core CI machine makes it, so a sample may
+        # have fewer than MAX_TOKENS - 1 gaps, never more, and they fit between its first token and its end
+        assert all(0 < s["ttft"] < s["latency"] and 1 <= len(s["itl"]) <= MAX_TOKENS - 1 for s in samples)
+        assert all(sum(s["itl"]) <= s["latency"] - s["ttft"] + 1e-6 for s in samples)
+        streamed.append(max(len(s["itl"]) for s in samples))
+    # and the servers stream: no run's every request arrived in one or two chunks
+    assert min(streamed) == MAX_TOKENS - 1
     assert record["settings"]["baseline"] == "awq"
     assert record["machine"]["vllm"]
 

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import ARCHITECTURES, build_tiny_model
 from lape_awq.quant.architectures import decoder_layers
 from lape_awq.quant.awq.gptq import DAMP, gptq_quantize, input_hessian
-from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model
+from lape_awq.quant.awq.quantizer import QuantSpec, quantize_model, quantize_models
 from lape_awq.quant.awq.search import ScaleSearch, search_clip, search_scales
 from lape_awq.quant.calibration import CalibrationSpec, calibration_batch, weighted_calibration_batch
 from lape_awq.quant.checkpoint.layout import MANIFEST
@@ -45,22 +45,28 @@ def damped(h: torch.Tensor) -> torch.Tensor:
 
 
 def reference_gptq(
-    w: torch.Tensor, h: torch.Tensor, g: int, keep: tuple[int, ...] = ()
+    w: torch.Tensor, h: torch.Tensor, g: int, keep: tuple[int, ...] = (), act_order: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ the slow way, in float64: columns in order (kept ones last, never rounded); a group's grid from
-    its rounded columns' current weights when the first of them comes; after rounding column i, every
-    column j not yet rounded moves by -err * Hinv[i, j] / Hinv[i, i] on the full inverse Hessian of the
-    columns left, from which i is then eliminated. Returns codes, scales, zeros, final weights."""
+    """GPTQ the slow way, in float64: columns in order (act-order: by decreasing H[i, i]; kept ones last,
+    never rounded); a group's grid from its rounded columns' current weights when the first of them comes
+    (act-order: from the given weights, all up front); after rounding column i, every column j not yet
+    rounded moves by -err * Hinv[i, j] / Hinv[i, i] on the full inverse Hessian of the columns left, from
+    which i is then eliminated. Returns codes, scales, zeros, final weights."""
     w = w.double().clone()
     n = w.shape[1]
     hinv = torch.linalg.inv(damped(h))
     left = list(range(n))
     codes = torch.zeros(w.shape, dtype=torch.int32)
-    scales, zeros = group_params(w.float().reshape(w.shape[0], -1, g))  # replaced for every group below
+    skip = torch.zeros(1, n // g, g, dtype=torch.bool)
+    skip.view(-1)[list(keep)] = True
+    scales, zeros = group_params(w.float().reshape(w.shape[0], -1, g), skip)  # static grids
+    order = [j for j in range(n) if j not in keep]
+    if act_order:
+        order.sort(key=lambda j: -float(damped(h)[j, j]))
     seen = set()
-    for i in [j for j in range(n) if j not in keep]:
+    for i in order:
         group = i // g
-        if group not in seen:
+        if group not in seen and not act_order:
             seen.add(group)
             members = [j for j in range(group * g, (group + 1) * g) if j not in keep]
             s, z = group_params(w[:, members].unsqueeze(1))
@@ -132,6 +138,34 @@ def test_the_rounding_matches_the_column_by_column_reference(keep: tuple[int, ..
     assert (final32.double() - ref).abs().max() < 1e-4 * w.abs().max()
     rtn = quantize_groups(w, 32).dequantize()
     assert output_error(w, final32, h) < 0.8 * output_error(w, rtn, h)
+
+
+@pytest.mark.parametrize("keep", [(), (3, 40, 41, 63)])
+def test_act_order_matches_the_column_by_column_reference(keep: tuple[int, ...]) -> None:
+    """Act-order (columns by decreasing H[i, i], static grids from the given weights): the float64 codes,
+    grids and weights of the reference in that order. The order differs from the natural one here, and the
+    output error stays below round-to-nearest's."""
+    x = correlated_inputs(512, 64, seed=5)
+    x[:, 9] = 0.0
+    h = input_hessian([x.reshape(8, 64, 64)])
+    assert not torch.equal(torch.argsort(h.diagonal(), descending=True), torch.arange(64))
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
+    codes, scales, zeros, ref = reference_gptq(w, h, 32, keep, act_order=True)
+    kept = torch.tensor(keep, dtype=torch.int64) if keep else None
+    rounded = torch.ones(64, dtype=torch.bool)
+    rounded[list(keep)] = False
+    quant, final = gptq_quantize(w, h, 32, kept, block_size=32, dtype=torch.float64, act_order=True)
+    assert torch.equal(quant.codes[:, rounded], codes[:, rounded])
+    assert torch.equal(quant.scales, scales) and torch.equal(quant.zeros, zeros.int())
+    assert (final - ref).abs().max() < 1e-9
+    natural, _ = gptq_quantize(w, h, 32, kept, block_size=32, dtype=torch.float64)
+    assert not torch.equal(natural.codes, quant.codes)
+    rtn = quantize_groups(w, 32).dequantize()
+    assert output_error(w, final, h) < 0.8 * output_error(w, rtn, h)
+    with pytest.raises(ValueError, match="inplace"):
+        gptq_quantize(w, h, 32, kept, act_order=True, kept_order="inplace")
+    with pytest.raises(UserError, match="act-order is an option of GPTQ"):
+        QuantSpec("awq", act_order=True)
 
 
 def test_kept_columns_take_the_error_optimally() -> None:
@@ -244,6 +278,37 @@ def test_kept_neurons_are_exact_after_gptq(arch: str, method: str, tokenizer) ->
                 assert gradient.abs().max() < 1e-4 * (float_w @ h).abs().max(), name
             elif method == "gptq":  # no scales: the kept rows are the float model's own
                 assert torch.equal(final[keep], float_w[keep]), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.no_grad()
+def test_quantized_inputs_calibrate_each_layer_on_its_quantized_predecessors(arch: str, tokenizer) -> None:
+    """With `quantized_inputs`, each layer's q_proj (its first linear: it reads the layer's input through
+    the norm alone) is GPTQ-rounded with the Hessian of its inputs in the quantized model: the float
+    weights and that Hessian give its codes again. Layer 0 equals the float-input run, a later layer does
+    not. Several copies at once (kept neurons in one) each equal their own run alone."""
+    calib, _ = calib_and_eval(tokenizer)
+    base = lively(build_tiny_model(arch, len(tokenizer)))
+    spec = QuantSpec("gptq", group_size=32, quantized_inputs=True)
+    model = copy.deepcopy(base)
+    quantized = quantize_model(model, calib, spec, progress=False)
+    float_run = quantize_model(copy.deepcopy(base), calib, QuantSpec("gptq", group_size=32), progress=False)
+    seen = linear_inputs(model, calib)  # every linear now holds the weights its 4-bit form stands for
+    for i in range(len(decoder_layers(base))):
+        name = f"model.layers.{i}.self_attn.q_proj"
+        quant, _ = gptq_quantize(base.get_submodule(name).weight.float(), input_hessian(seen[name]), 32)
+        assert torch.equal(quantized[name].quant.codes, quant.codes), name
+        same_as_float = torch.equal(float_run[name].quant.codes, quant.codes)
+        assert same_as_float == (i == 0), name
+
+    both = [copy.deepcopy(base), copy.deepcopy(base)]
+    together = quantize_models(both, calib, spec, [None, KEPT], progress=False)
+    alone = quantize_model(copy.deepcopy(base), calib, spec, kept=KEPT, progress=False)
+    for name, q in quantized.items():
+        assert torch.equal(together[0][name].quant.codes, q.quant.codes), name
+        assert torch.equal(together[1][name].quant.codes, alone[name].quant.codes), name
+        if alone[name].sparse is not None:
+            assert torch.equal(together[1][name].sparse, alone[name].sparse), name
 
 
 def test_language_weights_in_the_hessian() -> None:

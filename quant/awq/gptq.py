@@ -2,9 +2,13 @@
 rounding error spread over the columns not yet rounded through the inverse of the calibration Hessian
 H = 2/n sum x x^T of the linear's inputs, so the layer's output on the calibration data moves least.
 
-The codes stay those of `quantize_groups` (asymmetric 4-bit, static groups of `group_size` along the
-input, no act-order): a group's scale and zero point come from its weights as they stand, error updates
-included, when the column loop reaches the group, by `quantize_groups`' own formula (`group_params`).
+The codes stay those of `quantize_groups` (asymmetric 4-bit, groups of `group_size` consecutive input
+columns): a group's scale and zero point come from its weights as they stand, error updates included,
+when the column loop reaches the group, by `quantize_groups`' own formula (`group_params`). With
+act-order, columns are rounded in decreasing order of H's diagonal (the inputs that carry the most energy
+first, while the most columns are left to take their error) and a group's members are scattered over the
+loop, so every grid is fixed up front from the weights as given (reference GPTQ's "static groups"): the
+codes keep the format, only the order of rounding changes.
 
 Kept (FP16) input columns are never rounded. They are moved after every rounded column, so each rounding
 error can flow into them too (an FP16 column holds any value: the checkpoint's residual is the kept
@@ -80,6 +84,7 @@ def gptq_quantize(
     damp: float = DAMP,
     dtype: torch.dtype = torch.float32,
     kept_order: KeptOrder = "last",
+    act_order: bool = False,
 ) -> tuple[GroupQuant, torch.Tensor]:
     """GPTQ-rounded codes of `w` ([out, in]) in `quantize_groups`' format, and the final weights ([out,
     in], `dtype`): the dequantized codes, except the kept columns (`keep_cols`, int64 indices), which are
@@ -88,9 +93,10 @@ def gptq_quantize(
 
     `kept_order` places the kept columns in the column order: "last" (default: they take every rounded
     column's error), "inplace" (only the errors of the columns before them) or "first" (frozen at their
-    float values, no error flows into them). Columns the calibration never drives (H's diagonal 0) are
-    rounded to nearest and neither spread nor take error; unlike reference GPTQ their weights are kept,
-    not zeroed, since other text may drive them."""
+    float values, no error flows into them). `act_order` rounds the other columns by decreasing H[i, i]
+    on grids fixed from `w` (static groups; kept order "last" or "first"). Columns the calibration never
+    drives (H's diagonal 0) are rounded to nearest and neither spread nor take error; unlike reference
+    GPTQ their weights are kept, not zeroed, since other text may drive them."""
     rows, cols = w.shape
     g = group_size
     if cols % g or block_size % g:
@@ -102,12 +108,19 @@ def gptq_quantize(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
 
-    # The column order: rounded columns in their own order, the kept ones last / first / where they are.
+    # The column order: rounded columns in their own order (act-order: by decreasing H[i, i]), the kept
+    # ones last / first / where they are.
+    if act_order and kept_order == "inplace":
+        raise ValueError("act-order has no place for kept columns 'inplace'")
     columns = torch.arange(cols)
+    rounded_columns = columns[~keep]
+    if act_order:
+        energy = h.diagonal()[rounded_columns]
+        rounded_columns = rounded_columns[torch.argsort(energy, descending=True, stable=True)]
     if kept_order == "last":
-        order = torch.cat([columns[~keep], columns[keep]])
+        order = torch.cat([rounded_columns, columns[keep]])
     elif kept_order == "first":
-        order = torch.cat([columns[keep], columns[~keep]])
+        order = torch.cat([columns[keep], rounded_columns])
     else:
         order = columns
     hinv = _inverse_cholesky(h[order][:, order], damp).to(dtype)
@@ -126,8 +139,13 @@ def gptq_quantize(
             first = start
     blocks.append((first, cols))
     segment_end = dict(pairwise(bounds))
+    if act_order:  # static grids: no group "starts" in the loop, so blocks are plain runs of positions
+        blocks = [(start, min(start + block_size, cols)) for start in range(0, cols, block_size)]
+        segment_end = {}
 
-    scales, zeros = group_params(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g))  # kept-only groups
+    # The grids of kept-only groups (and, with act-order, of every group: the static grids).
+    scales, zeros = group_params(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g))
+    static_scales, static_zeros = scales.to(dtype), zeros.to(dtype)
     codes = torch.zeros(rows, cols, dtype=torch.int32)
     final = torch.empty_like(weight)
     kept_list, group_list = kept_at.tolist(), group_at.tolist()
@@ -148,6 +166,8 @@ def gptq_quantize(
                 scales[:, group_list[p]], zeros[:, group_list[p]] = s[:, 0], z[:, 0]
             if kept_list[p]:
                 continue  # never rounded: no error to spread; its value is final once earlier ones are done
+            if act_order:
+                scale, zero = static_scales[:, group_list[p]], static_zeros[:, group_list[p]]
             column = block[:, i]
             code = round_to_codes(column, scale, zero)
             rounded = (code - zero) * scale

@@ -1,11 +1,12 @@
 """Layer-by-layer RTN / AWQ / GPTQ / AWQ + GPTQ quantization (each optionally with kept FP16 neurons:
 the -opt methods) of a transformers causal LM, driven by the architecture table (quant/architectures.py).
 
-Every decoder layer sees the float model's own inputs (as in AutoAWQ): its calibration activations
-are captured, AWQ's scale search runs on the family's scaling groups, scales fold into the smooth ops,
-clipping is searched on the clip targets, then each linear becomes 4-bit codes plus, for kept neurons, an
-FP16 residual in the same scaled space (dense W4 + residual == the kept weights). GPTQ rounds each linear
-with the Hessian of its own captured inputs (in the scaled space after AWQ's scales) instead of to nearest.
+Every decoder layer sees the float model's own inputs (as in AutoAWQ; with `QuantSpec.quantized_inputs`,
+those of the quantized layers before it, as in reference GPTQ): its calibration activations are captured,
+AWQ's scale search runs on the family's scaling groups, scales fold into the smooth ops, clipping is searched
+on the clip targets, then each linear becomes 4-bit codes plus, for kept neurons, an FP16 residual in the
+same scaled space (dense W4 + residual == the kept weights). GPTQ rounds each linear with the Hessian of its
+own captured inputs (in the scaled space after AWQ's scales) instead of to nearest.
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ class QuantSpec:
     # Options added after the first checkpoints (`record` leaves them out at their defaults):
     scale_identity: bool = False  # the scale search also scores s = 1 (no scaling), which its grid lacks
     skip_scaling: tuple[str, ...] = ()  # scaling groups (architecture table names: qkv, vo, ...) not scaled
+    # Each layer calibrates on the outputs of the layers before it as quantized (GPTQ's reference order,
+    # so a layer's rounding can make up for its predecessors' error) instead of the float model's.
+    quantized_inputs: bool = False
+    act_order: bool = False  # GPTQ rounds each linear's columns by decreasing input energy (static grids)
 
     def __post_init__(self) -> None:
         if self.group_size not in (32, 64, 128):
             raise UserError(f"group size must be 32, 64 or 128, got {self.group_size}")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
+        if self.act_order and not self.gptq:
+            raise UserError("act-order is an option of GPTQ's rounding (--method gptq or awq-gptq)")
         bad = set(self.sparse_projections) - set(MLP_PROJECTIONS)
         if bad:
             raise UserError(
@@ -78,7 +85,7 @@ class QuantSpec:
         """The spec as the checkpoint manifest records it: the options added later are left out at their
         defaults, so checkpoints made before they existed still match their recipe."""
         out = asdict(self)
-        for name in ("scale_identity", "skip_scaling"):
+        for name in ("scale_identity", "skip_scaling", "quantized_inputs", "act_order"):
             if out[name] == getattr(QuantSpec, name):
                 del out[name]
         return out
@@ -175,6 +182,12 @@ def quantize_models(
     `quantize_model` would leave it alone."""
     if len(kept) != len(models):
         raise ValueError(f"{len(models)} models but {len(kept)} kept-neuron lists")
+    if spec.quantized_inputs and spec.method != "rtn" and len(models) > 1:
+        # Each copy's layers see its own quantized predecessors: no two copies share an input.
+        return [
+            quantize_models([model], calib, spec, [keep], progress, weights)[0]
+            for model, keep in zip(models, kept, strict=True)
+        ]
     arch = architecture_of(models[0])
     spec.check_fits(arch)
     layers = [decoder_layers(model) for model in models]
@@ -202,7 +215,7 @@ def quantize_models(
                         linear, arch, spec, sparse.get(name), name
                     )
             continue
-        inputs, inputs_of = _search_layer(copies, arch, inputs, calls[i], spec, sparses, chunk_weights)
+        outputs, inputs_of = _search_layer(copies, arch, inputs, calls[i], spec, sparses, chunk_weights)
         if spec.gptq:
             quantized = _gptq_layer(copies, arch, spec, sparses, inputs_of, chunk_weights)
         else:
@@ -215,7 +228,27 @@ def quantize_models(
             ]
         for result, layer_result in zip(results, quantized, strict=True):
             result.update({f"model.layers.{i}.{name}": q for name, q in layer_result.items()})
+        if spec.quantized_inputs:  # one copy here
+            for name, q in quantized[0].items():
+                copies[0].get_submodule(name).weight.copy_(_weight_of(q, arch, name))
+            outputs = [
+                _first(copies[0](x, *rest, **kw)) for x, (rest, kw) in zip(inputs, calls[i].rest, strict=True)
+            ]
+        inputs = outputs
     return results
+
+
+def _weight_of(q: QuantizedLinear, arch: Architecture, name: str) -> torch.Tensor:
+    """The float32 weights [out, in] that `q` stands for: its dequantized codes, plus the FP16 residual on
+    its kept rows / columns."""
+    weight = q.quant.dequantize().float()
+    if q.sparse_idx is None:
+        return weight
+    if arch.neuron_dim(name) == "cols":
+        weight[:, q.sparse_idx] += q.sparse.T.float()
+    else:
+        weight[q.sparse_idx] += q.sparse.float()
+    return weight
 
 
 def _sparse(arch: Architecture, spec: QuantSpec, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -409,7 +442,8 @@ def _gptq_linear(
     w = m.weight.float()
     bias = None if m.bias is None else m.bias.detach().clone()
     cols = idx is not None and arch.neuron_dim(name) == "cols"
-    quant, final = gptq_quantize(w, h, spec.group_size, idx if cols and spec.search_aware else None)
+    keep = idx if cols and spec.search_aware else None
+    quant, final = gptq_quantize(w, h, spec.group_size, keep, act_order=spec.act_order)
     if idx is None:
         return QuantizedLinear(quant, bias), final
     dense = quant.dequantize()

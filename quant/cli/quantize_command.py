@@ -113,6 +113,18 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
         metavar="GROUP,...",
         help="AWQ scaling groups left unscaled (qkv: input norm -> q/k/v, vo, gate_up, down)",
     )
+    parser.add_argument(
+        "--quantized-inputs",
+        action="store_true",
+        help="each layer calibrates on the outputs of the quantized layers before it (reference GPTQ's "
+        "order) instead of the float model's (AutoAWQ's)",
+    )
+    parser.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ rounds each linear's input columns by decreasing activation energy, on grids fixed "
+        "up front (static groups: the checkpoint format is unchanged)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=_run_quantize)
@@ -138,6 +150,8 @@ def _run_quantize(args: argparse.Namespace) -> None:
         search_aware=not args.naive_sparse,
         scale_identity=args.scale_identity,
         skip_scaling=tuple(args.skip_scaling),
+        quantized_inputs=args.quantized_inputs,
+        act_order=args.act_order,
         sparse_projections=tuple(args.sparse_projections),
     )
     calib = CalibrationSpec(
