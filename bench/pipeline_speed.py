@@ -1,9 +1,9 @@
-"""Whole AWQ-opt pipeline on the default model (LAPE neurons, then AWQ-opt quantization with the
-default recipe, its 4-bit vocabulary and kept Korean rows included), timed stage by stage; target <= 10
-minutes on the 2-core CPU. Writes
-bench/results/pipeline_speed_<date>.json (the README's "Offline pipeline" table).
+"""Whole pipeline on the default model (LAPE neurons, then quantization with kept neurons: the default
+recipe, AWQ-opt with its 4-bit vocabulary and kept Korean rows, unless the recipe options say otherwise),
+timed stage by stage; target <= 10 minutes on the 2-core CPU. Writes
+bench/results/pipeline_speed_<date>[_<tag>].json (the README's "Offline pipeline" table).
 
-    lape-awq bench pipeline [--model PATH] [--out bench/results]
+    lape-awq bench pipeline [--model PATH] [--method gptq-opt --calib-samples 64 ...] [--tag T] [--out DIR]
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from lape_awq.bench.run_info import result_header, write_json
 from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
 from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.cli.arguments import add_model_argument
+from lape_awq.quant.cli.arguments import add_model_argument, language_weights
 from lape_awq.quant.lape.job import find_and_save_neurons
 from lape_awq.quant.model_loading import resolve_model_dir
 from lape_awq.quant.vocab.quantizer import default_vocab
@@ -26,13 +27,43 @@ from lape_awq.quant.vocab.quantizer import default_vocab
 TARGET_SECONDS = 600.0
 
 
+OPT_METHODS = ("awq-opt", "gptq-opt", "awq-gptq-opt")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    calib = CalibrationSpec()
+    parser.add_argument("--method", choices=OPT_METHODS, default="awq-opt", help="the quantization method")
+    parser.add_argument("--calib-samples", type=int, default=calib.samples)
+    parser.add_argument("--calib-weights", type=language_weights, default=(), metavar="LANG=W,...")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ's act-order (lape-awq quantize's)")
+    parser.add_argument("--quantized-inputs", action="store_true", help="as lape-awq quantize's")
+    parser.add_argument("--tag", help="a side run: pipeline_speed_<date>_<tag>.json")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
+
+
+def _recipe(args: argparse.Namespace) -> tuple[QuantSpec, CalibrationSpec, str]:
+    """The recipe the options name, and the `lape-awq quantize` options that make the same checkpoint."""
+    spec = QuantSpec(
+        args.method.removesuffix("-opt"), act_order=args.act_order, quantized_inputs=args.quantized_inputs
+    )
+    calib = replace(CalibrationSpec(), samples=args.calib_samples, weights=tuple(args.calib_weights))
+    options = [f"--method {args.method}"]
+    if calib.samples != CalibrationSpec.samples:
+        options.append(f"--calib-samples {calib.samples}")
+    if calib.weights:
+        options.append("--calib-weights " + ",".join(f"{lang}={w:g}" for lang, w in calib.weights))
+    options += [
+        flag
+        for flag, on in (("--act-order", spec.act_order), ("--quantized-inputs", spec.quantized_inputs))
+        if on
+    ]
+    return spec, calib, " ".join(options)
 
 
 def run(args: argparse.Namespace) -> int:
     """Find the neurons, then quantize, both into a temp folder; prints the record, writes it under --out."""
+    spec, calib, options = _recipe(args)  # bad options fail before the long stages
     model_dir = resolve_model_dir(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -43,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = quantize_checkpoint(
             model_dir,
             Path(tmp) / "ckpt",
-            QuantSpec(),
-            CalibrationSpec(),
+            spec,
+            calib,
             keep,
             vocab=default_vocab(keep.langs),
         )
@@ -53,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     record = {
         **result_header("pipeline_speed"),
         "model": str(model_dir),
+        "method": args.method,
+        "quant_spec": spec.record(),
+        "quantize_options": options,
         "calibration": manifest["calibration"],
         "lape_tokens": int(nf.tokens.sum()),
         "lape_seconds": round(lape_seconds, 1),
@@ -66,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         "vocab": manifest["vocab_spec"],
         "sizes": manifest["sizes"],
     }
-    path = write_json(args.out / f"pipeline_speed_{record['date'][:10]}.json", record)
+    tag = f"_{args.tag}" if args.tag else ""
+    path = write_json(args.out / f"pipeline_speed_{record['date'][:10]}{tag}.json", record)
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")
     return 0

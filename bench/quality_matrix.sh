@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The README's quality tables: every recipe on the default model, then `lape-awq eval` on all of them.
-# About 125 minutes on the 2-core CPU (fifteen AWQ runs of ~6.5 min each, six GPTQ runs of 1.5-8 min, two
-# LAPE runs, six evals).
+# About 170 minutes on the 2-core CPU (fifteen AWQ runs of ~6.5 min each, thirteen GPTQ runs of 1.5-9 min,
+# two LAPE runs, eight evals).
 # Usage: bash bench/quality_matrix.sh [WORK_DIR]
 #
-# Three parts, each its own eval files (the report merges evals of the same texts):
+# Four parts, each its own eval files (the report merges evals of the same texts):
 # - the decoder recipes with the FP16 vocabulary (`--vocab-bits 16`), so they compare methods,
 #   calibrations and neuron controls alone (bench/results/quality_2026-11-25);
 # - the vocabulary at 8 and 4 bits on the default decoder recipe: `awq-v4-mix8` and `awq-opt-v4-mix8`
 #   are exactly the default checkpoints of `lape-awq quantize` (bench/results/quality_2026-12-02);
 # - GPTQ, AWQ + GPTQ and the language-weighted calibration with the FP16 vocabulary, beside part 1's
-#   (bench/results/quality_2026-12-07).
+#   (bench/results/quality_2026-12-07);
+# - GPTQ's act-order and quantized inputs, and the best of them as a whole recipe (part 4).
 set -euo pipefail
 E=${1:-$(mktemp -d)}
 MIX=ko,en,zh,ja,fr,es,vi,id
@@ -58,4 +59,20 @@ q awq-opt-lsens-mix8 --method awq-opt --neuron-rule lape-sensitive --max-neurons
   --neurons "$E/neurons-top4.safetensors" "${V16[@]}"
 evals gptq gptq-mix8 gptq-opt-mix8 gptq-opt-random-mix8 awq-gptq-mix8 awq-gptq-opt-mix8 gptq-c64-mix8 \
   gptq-opt-c64-mix8 gptq-c128-mix8 awq-opt-ko2-mix8 awq-opt-sens-mix8 awq-opt-lsens-mix8
-echo "results in $E/{decoder,vocab,gptq}-{koen,other}"
+
+# Part 4: GPTQ's act-order (ao: columns by decreasing input energy, static grids) and quantized inputs (qi:
+# each layer calibrated on its quantized predecessors' outputs), then the best of them as a whole recipe
+# with the default 4-bit vocabulary and kept Korean neurons and rows, beside part 2's awq-opt-v4-mix8
+# (bench/results/quality_2026-12-07, *_gptq4_*).
+q gptq-ao-c64-mix8 --method gptq --calib-samples 64 --act-order "${V16[@]}"
+q gptq-qi-c64-mix8 --method gptq --calib-samples 64 --quantized-inputs "${V16[@]}"
+q gptq-ao-qi-c64-mix8 --method gptq --calib-samples 64 --act-order --quantized-inputs "${V16[@]}"
+q gptq-ao-qi-c64-ko2-mix8 --method gptq --calib-samples 64 --act-order --quantized-inputs --calib-weights ko=2 "${V16[@]}"
+q gptq-ao-qi-c128-mix8 --method gptq --calib-samples 128 --act-order --quantized-inputs "${V16[@]}"
+q gptq-opt-ao-qi-c128-v4-mix8 --method gptq-opt --calib-samples 128 --act-order --quantized-inputs \
+  --neurons "$E/neurons.safetensors"
+q gptq-opt-ao-qi-c64-ko2-v4-mix8 --method gptq-opt --calib-samples 64 --act-order --quantized-inputs \
+  --calib-weights ko=2 --neurons "$E/neurons.safetensors"
+evals gptq4 gptq-ao-c64-mix8 gptq-qi-c64-mix8 gptq-ao-qi-c64-mix8 gptq-ao-qi-c64-ko2-mix8 gptq-ao-qi-c128-mix8 \
+  gptq-opt-ao-qi-c128-v4-mix8 gptq-opt-ao-qi-c64-ko2-v4-mix8
+echo "results in $E/{decoder,vocab,gptq,gptq4}-{koen,other}"

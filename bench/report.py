@@ -25,7 +25,7 @@ import datetime
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Sources:
     pipeline: Path | None
     kernels: Path | None
     gguf: Path | None = None
+    pipeline_recipes: list[Path] = field(default_factory=list)  # tagged pipeline runs: other recipes
 
 
 def _newest(paths: list[Path]) -> Path | None:
@@ -68,6 +69,18 @@ def _untagged(results: Path, benchmark: str) -> list[Path]:
     """`<benchmark>_<date>.json` files only: runs with a `--tag` are side experiments, not the reference."""
     pattern = re.compile(rf"{benchmark}_\d{{4}}-\d{{2}}-\d{{2}}\.json")
     return [p for p in results.glob(f"{benchmark}_*.json") if pattern.fullmatch(p.name)]
+
+
+def _newest_per_tag(results: Path, benchmark: str) -> list[Path]:
+    """The newest `<benchmark>_<date>_<tag>.json` of each tag, by tag."""
+    pattern = re.compile(rf"{benchmark}_(\d{{4}}-\d{{2}}-\d{{2}})_(.+)\.json")
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in results.glob(f"{benchmark}_*.json"):
+        if match := pattern.fullmatch(path.name):
+            date, tag = match.groups()
+            if tag not in newest or date > newest[tag][0]:
+                newest[tag] = (date, path)
+    return [newest[tag][1] for tag in sorted(newest)]
 
 
 def find_sources(results: Path) -> Sources:
@@ -87,6 +100,7 @@ def find_sources(results: Path) -> Sources:
         pipeline=_newest(_untagged(results, "pipeline_speed")),
         kernels=_newest([p for p in results.glob("kernels_*.md") if "_smoke" not in p.name]),
         gguf=_newest(_untagged(results, "gguf_agreement")),
+        pipeline_recipes=_newest_per_tag(results, "pipeline_speed"),
     )
 
 
@@ -133,9 +147,9 @@ def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str,
     return (base - ppl) / (base - fp) if base != fp else None
 
 
-# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-c64|-c128|-ko2][-v4|-v8]-CALIBRATION. NEURONS says
-# which kept neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the --neuron-rule
-# variants).
+# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-ao][-qi][-c64|-c128][-ko2][-v4|-v8]-CALIBRATION.
+# NEURONS says which kept neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the
+# --neuron-rule variants); ao, qi: GPTQ's --act-order, --quantized-inputs.
 _KEPT_PARTS = ("opt", "random", "top4", "deep", "lsens", "sens")
 _VOCAB_PARTS = ("v4", "v8")
 _CALIBRATION_PARTS = ("c64", "c128", "ko2")
@@ -321,7 +335,7 @@ def pipeline_table(record: dict[str, Any]) -> str:
         )
     stages = [
         (f"LAPE over {len(calibration['langs'])} languages", record["lape_seconds"], lape),
-        ("AWQ-opt quantization", record["quantize_seconds"], quantize),
+        (f"{record.get('method', 'awq-opt')} quantization", record["quantize_seconds"], quantize),
         ("whole pipeline", record["total_seconds"], f"target <= {number(record['target_seconds'], 0)} s"),
     ]
     lines = ["| stage | time | detail |", "|---|---:|---|"]
@@ -334,7 +348,8 @@ Reproduce: `bash bench/quality_matrix.sh`. Perplexity on held-out text, KL(FP ||
 top-1 agreement with FP. Names: method (`awq`, `gptq`, `awq-gptq`; `-opt`: with kept neurons), then the
 vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the default 2,048 Korean rows kept; none: FP16), then
 calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`, `c128`:
-64 or 128 sequences instead of 16; `ko2`: Korean tokens weigh 2 in the objectives); `random`: as many
+64 or 128 sequences instead of 16; `ko2`: Korean tokens weigh 2 in the objectives); `ao`: GPTQ with
+act-order; `qi`: each layer calibrated on its quantized predecessors' outputs; `random`: as many
 random neurons as LAPE found (the control); `top4`: LAPE top-rate 0.04; `sens`: as many neurons, the
 most sensitive on Korean text (no LAPE); `lsens`: the most sensitive of the `top4` candidates. Tables merge
 the evals of every dated run on the same texts."""
@@ -459,6 +474,15 @@ def results_section(sources: Sources, base: Path, awq: str, awq_opt: str) -> str
             f"{_link(sources.pipeline, base)} ({_stamp(pipeline)}). Reproduce: `lape-awq bench pipeline`.",
             "",
             pipeline_table(pipeline),
+        ]
+    for path in sources.pipeline_recipes:
+        recipe = json.loads(path.read_text())
+        parts += [
+            "",
+            f"Another recipe, `lape-awq quantize {recipe['quantize_options']}`: {_link(path, base)} "
+            f"({_stamp(recipe)}).",
+            "",
+            pipeline_table(recipe),
         ]
     parts += ["", "### GPU kernels", ""]
     if sources.kernels:

@@ -322,6 +322,10 @@ def write_results(root: Path) -> Path:
         "sizes": {"sparse_fraction": 0.00078},
     }
     (root / "pipeline_speed_2026-11-19.json").write_text(json.dumps(pipeline))
+    # another recipe, as `bench pipeline --tag` writes it: only its newest run is shown
+    gptq = {**pipeline, "method": "gptq-opt", "quantize_options": "--method gptq-opt --act-order"}
+    (root / "pipeline_speed_2026-11-21_gptq.json").write_text(json.dumps({**gptq, "quantize_seconds": 40.0}))
+    (root / "pipeline_speed_2026-11-20_gptq.json").write_text(json.dumps({**gptq, "quantize_seconds": 99.0}))
     return root
 
 
@@ -394,6 +398,9 @@ def test_report_command_writes_the_table_and_fills_the_readme(tmp_path: Path, ca
     assert "[`results/serve_matrix_2026-11-20.json`](results/serve_matrix_2026-11-20.json)" in text
     assert "![serving matrix](results/serve_matrix_2026-11-20.png)" in text
     assert "| LAPE over 2 languages | 10.0 s | 1,000 tokens at 100 tokens/s; 79 Korean neurons |" in text
+    assert "| awq-opt quantization | 20.0 s |" in text  # the untagged run is the reference
+    assert "Another recipe, `lape-awq quantize --method gptq-opt --act-order`" in text
+    assert "| gptq-opt quantization | 40.0 s |" in text and "99.0 s" not in text
     assert "Not yet measured" in text
     # no markers: one clear error line, the file untouched
     readme.write_text("no markers\n")
@@ -450,6 +457,10 @@ def test_benchmark_commands_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert main(["bench", "load", "--model", "m", "--duration", "0"]) == 2
     assert main(["bench", "report", "--results", str(tmp_path)]) == 2
     assert "no quality_<date>/ folder" in capsys.readouterr().err
+    assert main(["bench", "pipeline", "--act-order", "--model", str(tmp_path / "missing")]) == 2
+    assert "act-order is an option of GPTQ" in capsys.readouterr().err
+    assert main(["bench", "pipeline", "--calib-weights", "xx=2", "--model", str(tmp_path / "missing")]) == 2
+    assert "not in the calibration languages" in capsys.readouterr().err
 
 
 def test_every_benchmark_is_a_bench_subcommand_and_runs_as_a_module(capsys) -> None:

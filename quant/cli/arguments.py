@@ -35,6 +35,18 @@ def csv_list(value: str) -> list[str]:
     return items
 
 
+def language_weights(value: str) -> tuple[tuple[str, float], ...]:
+    """argparse type for `ko=2,en=0.5`: (language, weight) pairs."""
+    out = []
+    for item in csv_list(value):
+        lang, _, weight = item.partition("=")
+        try:
+            out.append((lang.strip(), float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give LANG=WEIGHT pairs, got {item!r}") from None
+    return tuple(out)
+
+
 def add_langs_argument(parser: argparse.ArgumentParser) -> None:
     """`--langs`, defaulting to the 8 built-in languages."""
     parser.add_argument(

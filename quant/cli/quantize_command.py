@@ -10,7 +10,7 @@ from pathlib import Path
 from lape_awq.quant.architectures import MLP_PROJECTIONS
 from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
-from lape_awq.quant.cli.arguments import add_model_argument, csv_list
+from lape_awq.quant.cli.arguments import add_model_argument, csv_list, language_weights
 from lape_awq.quant.errors import UserError
 from lape_awq.quant.lape.kept_neurons import RULES
 from lape_awq.quant.vocab.quantizer import DEFAULT_BITS, DEFAULT_GROUP_SIZE, DEFAULT_KEPT_ROWS, VocabSpec
@@ -193,18 +193,6 @@ def _run_quantize(args: argparse.Namespace) -> None:
         )
     if opt:
         print("kept neurons per layer: " + json.dumps(_kept_counts(out)))
-
-
-def language_weights(value: str) -> tuple[tuple[str, float], ...]:
-    """argparse type for `ko=2,en=0.5`: (language, weight) pairs."""
-    out = []
-    for item in csv_list(value):
-        lang, _, weight = item.partition("=")
-        try:
-            out.append((lang.strip(), float(weight)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"give LANG=WEIGHT pairs, got {item!r}") from None
-    return tuple(out)
 
 
 def _kept_counts(out: Path) -> list[int]:
