@@ -166,6 +166,8 @@ def test_act_order_matches_the_column_by_column_reference(keep: tuple[int, ...])
         gptq_quantize(w, h, 32, kept, act_order=True, kept_order="inplace")
     with pytest.raises(UserError, match="act-order is an option of GPTQ"):
         QuantSpec("awq", act_order=True)
+    with pytest.raises(UserError, match="rtn calibrates on nothing"):
+        QuantSpec("rtn", quantized_inputs=True)
 
 
 def test_kept_columns_take_the_error_optimally() -> None:

@@ -66,6 +66,8 @@ class QuantSpec:
             raise UserError(f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
         if self.act_order and not self.gptq:
             raise UserError("act-order is an option of GPTQ's rounding (--method gptq or awq-gptq)")
+        if self.quantized_inputs and self.method == "rtn":
+            raise UserError("--quantized-inputs is for the calibrated methods; rtn calibrates on nothing")
         bad = set(self.sparse_projections) - set(MLP_PROJECTIONS)
         if bad:
             raise UserError(
@@ -182,7 +184,7 @@ def quantize_models(
     `quantize_model` would leave it alone."""
     if len(kept) != len(models):
         raise ValueError(f"{len(models)} models but {len(kept)} kept-neuron lists")
-    if spec.quantized_inputs and spec.method != "rtn" and len(models) > 1:
+    if spec.quantized_inputs and len(models) > 1:
         # Each copy's layers see its own quantized predecessors: no two copies share an input.
         return [
             quantize_models([model], calib, spec, [keep], progress, weights)[0]
