@@ -20,14 +20,13 @@ from lape_awq.quant.awq.pipeline import KeepSpec, quantize_checkpoint
 from lape_awq.quant.awq.quantizer import QuantSpec
 from lape_awq.quant.calibration import CalibrationSpec
 from lape_awq.quant.cli.arguments import add_model_argument, language_weights
+from lape_awq.quant.cli.quantize_command import CLI_METHODS
 from lape_awq.quant.lape.job import find_and_save_neurons
 from lape_awq.quant.model_loading import resolve_model_dir
 from lape_awq.quant.vocab.quantizer import default_vocab
 
 TARGET_SECONDS = 600.0
-
-
-OPT_METHODS = ("awq-opt", "gptq-opt", "awq-gptq-opt")
+OPT_METHODS = tuple(m for m in CLI_METHODS if m.endswith("-opt"))  # the pipeline finds neurons to keep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

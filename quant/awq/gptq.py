@@ -127,21 +127,22 @@ def gptq_quantize(
     weight = w.to(dtype)[:, order].clone()
     kept_at, group_at = keep[order], order // g
 
-    # Segments: runs of positions in one group (kept positions of "last" / "first" form their own runs);
-    # blocks: whole segments packed up to block_size columns, so a group's columns are in one block.
-    kept_runs = kept_at.tolist() if kept_order != "inplace" else [False] * cols
-    run_of = list(zip(group_at.tolist(), kept_runs, strict=True))
-    bounds = [0] + [p for p in range(1, cols) if run_of[p] != run_of[p - 1]] + [cols]
-    blocks, first = [], 0
-    for start, end in pairwise(bounds):
-        if end - first > block_size:
-            blocks.append((first, start))
-            first = start
-    blocks.append((first, cols))
-    segment_end = dict(pairwise(bounds))
     if act_order:  # static grids: no group "starts" in the loop, so blocks are plain runs of positions
         blocks = [(start, min(start + block_size, cols)) for start in range(0, cols, block_size)]
-        segment_end = {}
+        segment_end: dict[int, int] = {}
+    else:
+        # Segments: runs of positions in one group (kept positions of "last" / "first" form their own
+        # runs); blocks: whole segments packed up to block_size columns, so a group's columns are in one.
+        kept_runs = kept_at.tolist() if kept_order != "inplace" else [False] * cols
+        run_of = list(zip(group_at.tolist(), kept_runs, strict=True))
+        bounds = [0] + [p for p in range(1, cols) if run_of[p] != run_of[p - 1]] + [cols]
+        blocks, first = [], 0
+        for start, end in pairwise(bounds):
+            if end - first > block_size:
+                blocks.append((first, start))
+                first = start
+        blocks.append((first, cols))
+        segment_end = dict(pairwise(bounds))
 
     # The grids of kept-only groups (and, with act-order, of every group: the static grids).
     scales, zeros = group_params(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g))
