@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-weights", type=language_weights, default=(), metavar="LANG=W,...")
     parser.add_argument("--act-order", action="store_true", help="GPTQ's act-order (lape-awq quantize's)")
     parser.add_argument("--quantized-inputs", action="store_true", help="as lape-awq quantize's")
+    parser.add_argument("--grid-search", action="store_true", help="as lape-awq quantize's")
     parser.add_argument("--tag", help="a side run: pipeline_speed_<date>_<tag>.json")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="result folder")
 
@@ -44,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _recipe(args: argparse.Namespace) -> tuple[QuantSpec, CalibrationSpec, str]:
     """The recipe the options name, and the `lape-awq quantize` options that make the same checkpoint."""
     spec = QuantSpec(
-        args.method.removesuffix("-opt"), act_order=args.act_order, quantized_inputs=args.quantized_inputs
+        args.method.removesuffix("-opt"),
+        act_order=args.act_order,
+        quantized_inputs=args.quantized_inputs,
+        grid_search=args.grid_search,
     )
     calib = replace(CalibrationSpec(), samples=args.calib_samples, weights=tuple(args.calib_weights))
     options = [f"--method {args.method}"]
@@ -52,11 +56,12 @@ def _recipe(args: argparse.Namespace) -> tuple[QuantSpec, CalibrationSpec, str]:
         options.append(f"--calib-samples {calib.samples}")
     if calib.weights:
         options.append("--calib-weights " + ",".join(f"{lang}={w:g}" for lang, w in calib.weights))
-    options += [
-        flag
-        for flag, on in (("--act-order", spec.act_order), ("--quantized-inputs", spec.quantized_inputs))
-        if on
-    ]
+    flags = {
+        "--act-order": spec.act_order,
+        "--quantized-inputs": spec.quantized_inputs,
+        "--grid-search": spec.grid_search,
+    }
+    options += [flag for flag, on in flags.items() if on]
     return spec, calib, " ".join(options)
 
 

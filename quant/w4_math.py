@@ -73,6 +73,11 @@ def group_params(
     """Scales (fp16-exact float32) and zero points (float, integral) of float32 weights grouped as
     [out, groups, g] from each group's min/max, leaving out the columns `skip` (bool, broadcast to
     `grouped`) marks. `quantize_groups`' formula, shared with GPTQ (quant/awq/gptq.py)."""
+    return _range_params(*_group_range(grouped, skip), bits)
+
+
+def _group_range(grouped: torch.Tensor, skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's min (<= 0) and max (>= 0, so zero stays representable) over its columns not skipped."""
     if skip is None:
         wmax, wmin = grouped.amax(dim=-1), grouped.amin(dim=-1)
     else:
@@ -80,11 +85,52 @@ def group_params(
         wmin = grouped.masked_fill(skip, torch.inf).amin(dim=-1)
         empty = torch.isinf(wmax)  # a group whose every column is kept
         wmax, wmin = wmax.masked_fill(empty, 0.0), wmin.masked_fill(empty, 0.0)
-    wmax, wmin = wmax.clamp_min(0.0), wmin.clamp_max(0.0)  # zero stays representable
+    return wmin.clamp_max(0.0), wmax.clamp_min(0.0)
+
+
+def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     max_code = 2**bits - 1
     scales = ((wmax - wmin).clamp_min(1e-5) / max_code).half().float()
     zeros = (-torch.round(wmin / scales)).clamp(0, max_code)
     return scales, zeros
+
+
+def search_group_params(
+    grouped: torch.Tensor,
+    importance: torch.Tensor,
+    skip: torch.Tensor | None = None,
+    bits: int = BITS,
+    n_grid: int = 40,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group_params`' scales and zeros for the group range shrunk by the factor (1, 1 - 1/n_grid, ...,
+    down to 1 - max_shrink) that gives each [out, group] the least importance-weighted squared rounding
+    error sum_k importance_k (w_k - q(w_k))^2, weights beyond the range clamped (reference GPTQ's "mse"
+    grid). `importance` (broadcast to `grouped`, [out, groups, g]) weighs each column; columns `skip`
+    marks count for nothing. Factor 1 is the min/max grid, so no group does worse than it."""
+    max_code = 2**bits - 1
+    importance = importance.to(grouped.dtype)
+    if skip is not None:
+        importance = torch.where(skip, 0.0, importance)
+    # The range of the shrunk weights is the shrunk range (a positive factor keeps the order, even rounded).
+    wmin, wmax = _group_range(grouped, skip)
+    error = torch.empty_like(grouped)  # one buffer, every step in place: this runs per linear, many steps
+    best_scales = best_zeros = best_err = None
+    for step in range(round(max_shrink * n_grid) + 1):
+        factor = 1 - step / n_grid
+        scales, zeros = _range_params(wmin * factor, wmax * factor, bits)
+        s, z = scales.unsqueeze(-1), zeros.unsqueeze(-1)
+        torch.div(grouped, s, out=error)  # round_to_codes, dequantized, minus the weights: the error
+        error.round_().add_(z).clamp_(0, max_code).sub_(z).mul_(s).sub_(grouped)
+        err = error.square_().mul_(importance).sum(-1)
+        if best_err is None:
+            best_scales, best_zeros, best_err = scales, zeros, err
+            continue
+        better = err < best_err
+        best_scales = torch.where(better, scales, best_scales)
+        best_zeros = torch.where(better, zeros, best_zeros)
+        best_err = torch.where(better, err, best_err)
+    return best_scales, best_zeros
 
 
 def round_to_codes(

@@ -457,8 +457,9 @@ def test_benchmark_commands_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert main(["bench", "load", "--model", "m", "--duration", "0"]) == 2
     assert main(["bench", "report", "--results", str(tmp_path)]) == 2
     assert "no quality_<date>/ folder" in capsys.readouterr().err
-    assert main(["bench", "pipeline", "--act-order", "--model", str(tmp_path / "missing")]) == 2
-    assert "act-order is an option of GPTQ" in capsys.readouterr().err
+    for flag in ("--act-order", "--grid-search"):
+        assert main(["bench", "pipeline", flag, "--model", str(tmp_path / "missing")]) == 2
+        assert f"{flag[2:]} is an option of GPTQ" in capsys.readouterr().err
     assert main(["bench", "pipeline", "--calib-weights", "xx=2", "--model", str(tmp_path / "missing")]) == 2
     assert "not in the calibration languages" in capsys.readouterr().err
 

@@ -8,7 +8,8 @@ when the column loop reaches the group, by `quantize_groups`' own formula (`grou
 act-order, columns are rounded in decreasing order of H's diagonal (the inputs that carry the most energy
 first, while the most columns are left to take their error) and a group's members are scattered over the
 loop, so every grid is fixed up front from the weights as given (reference GPTQ's "static groups"): the
-codes keep the format, only the order of rounding changes.
+codes keep the format, only the order of rounding changes. With grid search, each grid is the min/max one
+shrunk by the factor with the least expected output error (`search_group_params`): still the format.
 
 Kept (FP16) input columns are never rounded. They are moved after every rounded column, so each rounding
 error can flow into them too (an FP16 column holds any value: the checkpoint's residual is the kept
@@ -24,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from lape_awq.quant.w4_math import GroupQuant, group_params, round_to_codes
+from lape_awq.quant.w4_math import GroupQuant, group_params, round_to_codes, search_group_params
 
 BLOCK_SIZE = 128  # columns per lazy batch update; a multiple of every group size, so groups never straddle
 DAMP = 0.01  # dampening: this fraction of the mean diagonal is added to H's diagonal
@@ -85,6 +86,7 @@ def gptq_quantize(
     dtype: torch.dtype = torch.float32,
     kept_order: KeptOrder = "last",
     act_order: bool = False,
+    grid_search: bool = False,
 ) -> tuple[GroupQuant, torch.Tensor]:
     """GPTQ-rounded codes of `w` ([out, in]) in `quantize_groups`' format, and the final weights ([out,
     in], `dtype`): the dequantized codes, except the kept columns (`keep_cols`, int64 indices), which are
@@ -96,7 +98,11 @@ def gptq_quantize(
     float values, no error flows into them). `act_order` rounds the other columns by decreasing H[i, i]
     on grids fixed from `w` (static groups; kept order "last" or "first"). Columns the calibration never
     drives (H's diagonal 0) are rounded to nearest and neither spread nor take error; unlike reference
-    GPTQ their weights are kept, not zeroed, since other text may drive them."""
+    GPTQ their weights are kept, not zeroed, since other text may drive them.
+
+    `grid_search` shrinks each group's range to the factor with the least expected output error instead
+    of taking its min/max (`search_group_params`): rounding column i by d costs d^2 / U[i, i]^2 of output
+    error (U the Cholesky factor of H^-1 below, in the column order), so that weighs its columns."""
     rows, cols = w.shape
     g = group_size
     if cols % g or block_size % g:
@@ -123,7 +129,18 @@ def gptq_quantize(
         order = torch.cat([columns[keep], rounded_columns])
     else:
         order = columns
-    hinv = _inverse_cholesky(h[order][:, order], damp).to(dtype)
+    hinv64 = _inverse_cholesky(h[order][:, order], damp)
+    hinv = hinv64.to(dtype)
+    cost = torch.empty(cols, dtype=torch.float64)  # a column's output error per unit of rounding, squared
+    cost[order] = hinv64.diagonal() ** -2
+
+    def grid(
+        grouped: torch.Tensor, skip: torch.Tensor, columns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not grid_search:
+            return group_params(grouped, skip)
+        return search_group_params(grouped, cost[columns].reshape(1, *grouped.shape[1:]), skip)
+
     weight = w.to(dtype)[:, order].clone()
     kept_at, group_at = keep[order], order // g
 
@@ -145,7 +162,7 @@ def gptq_quantize(
         segment_end = dict(pairwise(bounds))
 
     # The grids of kept-only groups (and, with act-order, of every group: the static grids).
-    scales, zeros = group_params(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g))
+    scales, zeros = grid(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g), columns)
     static_scales, static_zeros = scales.to(dtype), zeros.to(dtype)
     codes = torch.zeros(rows, cols, dtype=torch.int32)
     final = torch.empty_like(weight)
@@ -162,7 +179,7 @@ def gptq_quantize(
                 # The group starts: its grid from its rounded columns' current weights.
                 members = ~kept_at[p : segment_end[p]]
                 current = block[:, i : i + (segment_end[p] - p)]
-                s, z = group_params(current.unsqueeze(1), ~members.reshape(1, 1, -1))
+                s, z = grid(current.unsqueeze(1), ~members.reshape(1, 1, -1), order[p : segment_end[p]])
                 scale, zero = s[:, 0].to(dtype), z[:, 0].to(dtype)
                 scales[:, group_list[p]], zeros[:, group_list[p]] = s[:, 0], z[:, 0]
             if kept_list[p]:

@@ -58,14 +58,16 @@ class QuantSpec:
     # so a layer's rounding can make up for its predecessors' error) instead of the float model's.
     quantized_inputs: bool = False
     act_order: bool = False  # GPTQ rounds each linear's columns by decreasing input energy (static grids)
+    grid_search: bool = False  # GPTQ shrinks each group's range where that lowers the expected error
 
     def __post_init__(self) -> None:
         if self.group_size not in (32, 64, 128):
             raise UserError(f"group size must be 32, 64 or 128, got {self.group_size}")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
-        if self.act_order and not self.gptq:
-            raise UserError("act-order is an option of GPTQ's rounding (--method gptq or awq-gptq)")
+        for name, on in (("act-order", self.act_order), ("grid-search", self.grid_search)):
+            if on and not self.gptq:
+                raise UserError(f"{name} is an option of GPTQ's rounding (--method gptq or awq-gptq)")
         if self.quantized_inputs and self.method == "rtn":
             raise UserError("--quantized-inputs is for the calibrated methods; rtn calibrates on nothing")
         bad = set(self.sparse_projections) - set(MLP_PROJECTIONS)
@@ -87,7 +89,7 @@ class QuantSpec:
         """The spec as the checkpoint manifest records it: the options added later are left out at their
         defaults, so checkpoints made before they existed still match their recipe."""
         out = asdict(self)
-        for name in ("scale_identity", "skip_scaling", "quantized_inputs", "act_order"):
+        for name in ("scale_identity", "skip_scaling", "quantized_inputs", "act_order", "grid_search"):
             if out[name] == getattr(QuantSpec, name):
                 del out[name]
         return out
@@ -445,7 +447,9 @@ def _gptq_linear(
     bias = None if m.bias is None else m.bias.detach().clone()
     cols = idx is not None and arch.neuron_dim(name) == "cols"
     keep = idx if cols and spec.search_aware else None
-    quant, final = gptq_quantize(w, h, spec.group_size, keep, act_order=spec.act_order)
+    quant, final = gptq_quantize(
+        w, h, spec.group_size, keep, act_order=spec.act_order, grid_search=spec.grid_search
+    )
     if idx is None:
         return QuantizedLinear(quant, bias), final
     dense = quant.dequantize()

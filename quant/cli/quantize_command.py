@@ -125,6 +125,12 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
         help="GPTQ rounds each linear's input columns by decreasing activation energy, on grids fixed "
         "up front (static groups: the checkpoint format is unchanged)",
     )
+    parser.add_argument(
+        "--grid-search",
+        action="store_true",
+        help="GPTQ shrinks each group's range where that lowers the expected output error, instead of "
+        "taking the group's min/max (same format)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=_run_quantize)
@@ -152,6 +158,7 @@ def _run_quantize(args: argparse.Namespace) -> None:
         skip_scaling=tuple(args.skip_scaling),
         quantized_inputs=args.quantized_inputs,
         act_order=args.act_order,
+        grid_search=args.grid_search,
         sparse_projections=tuple(args.sparse_projections),
     )
     calib = CalibrationSpec(
