@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The README's quality tables: every recipe on the default model, then `lape-awq eval` on all of them.
-# About 170 minutes on the 2-core CPU (fifteen AWQ runs of ~6.5 min each, thirteen GPTQ runs of 1.5-9 min,
-# two LAPE runs, eight evals).
+# About 200 minutes on the 2-core CPU (fourteen AWQ / RTN runs of up to ~6.5 min each, nineteen GPTQ runs
+# of 1.5-9 min, two LAPE runs, ten evals).
 # Usage: bash bench/quality_matrix.sh [WORK_DIR]
 #
-# Four parts, each its own eval files (the report merges evals of the same texts):
+# Five parts, each its own eval files (the report merges evals of the same texts):
 # - the decoder recipes with the FP16 vocabulary (`--vocab-bits 16`), so they compare methods,
 #   calibrations and neuron controls alone (bench/results/quality_2026-11-25);
 # - the vocabulary at 8 and 4 bits on the default decoder recipe: `awq-v4-mix8` and `awq-opt-v4-mix8`
 #   are exactly the default checkpoints of `lape-awq quantize` (bench/results/quality_2026-12-02);
 # - GPTQ, AWQ + GPTQ and the language-weighted calibration with the FP16 vocabulary, beside part 1's
 #   (bench/results/quality_2026-12-07);
-# - GPTQ's act-order and quantized inputs, and the best of them as a whole recipe (part 4).
+# - GPTQ's act-order and quantized inputs, and the best of them as a whole recipe (part 4);
+# - GPTQ's grid search on part 4's best recipe, with LAPE's / random kept neurons and as a whole recipe
+#   (part 5, bench/results/quality_2026-12-07 *_gptq5_*).
 set -euo pipefail
 E=${1:-$(mktemp -d)}
 MIX=ko,en,zh,ja,fr,es,vi,id
@@ -75,4 +77,14 @@ q gptq-opt-ao-qi-c64-ko2-v4-mix8 --method gptq-opt --calib-samples 64 --act-orde
   --calib-weights ko=2 --neurons "$E/neurons.safetensors"
 evals gptq4 gptq-ao-c64-mix8 gptq-qi-c64-mix8 gptq-ao-qi-c64-mix8 gptq-ao-qi-c64-ko2-mix8 gptq-ao-qi-c128-mix8 \
   gptq-opt-ao-qi-c128-v4-mix8 gptq-opt-ao-qi-c64-ko2-v4-mix8
-echo "results in $E/{decoder,vocab,gptq,gptq4}-{koen,other}"
+
+# Part 5: GPTQ's grid search (gs: each group's range shrunk where the expected output error is least).
+GS=(--calib-samples 64 --act-order --quantized-inputs --grid-search --calib-weights ko=2)
+q gptq-ao-qi-gs-c64-ko2-mix8 --method gptq "${GS[@]}" "${V16[@]}"
+q gptq-opt-ao-qi-gs-c64-ko2-mix8 --method gptq-opt "${GS[@]}" --neurons "$E/neurons.safetensors" "${V16[@]}"
+q gptq-opt-random-ao-qi-gs-c64-ko2-mix8 --method gptq-opt "${GS[@]}" --neurons "$E/neurons.safetensors" \
+  --random-neurons "${V16[@]}"
+q gptq-opt-ao-qi-gs-c64-ko2-v4-mix8 --method gptq-opt "${GS[@]}" --neurons "$E/neurons.safetensors"
+evals gptq5 gptq-ao-qi-gs-c64-ko2-mix8 gptq-opt-ao-qi-gs-c64-ko2-mix8 gptq-opt-random-ao-qi-gs-c64-ko2-mix8 \
+  gptq-opt-ao-qi-gs-c64-ko2-v4-mix8
+echo "results in $E/{decoder,vocab,gptq,gptq4,gptq5}-{koen,other}"

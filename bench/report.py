@@ -147,9 +147,9 @@ def gap_closed(models: dict[str, Any], name: str, baseline: str, reference: str,
     return (base - ppl) / (base - fp) if base != fp else None
 
 
-# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-ao][-qi][-c64|-c128][-ko2][-v4|-v8]-CALIBRATION.
+# quality_matrix.sh's names: METHOD[-opt[-NEURONS]][-ao][-qi][-gs][-c64|-c128][-ko2][-v4|-v8]-CALIBRATION.
 # NEURONS says which kept neurons (random: the control; top4: LAPE top-rate 0.04; deep, lsens, sens: the
-# --neuron-rule variants); ao, qi: GPTQ's --act-order, --quantized-inputs.
+# --neuron-rule variants); ao, qi, gs: GPTQ's --act-order, --quantized-inputs, --grid-search.
 _KEPT_PARTS = ("opt", "random", "top4", "deep", "lsens", "sens")
 _VOCAB_PARTS = ("v4", "v8")
 _CALIBRATION_PARTS = ("c64", "c128", "ko2")
@@ -349,7 +349,8 @@ top-1 agreement with FP. Names: method (`awq`, `gptq`, `awq-gptq`; `-opt`: with 
 vocabulary (`v4`, `v8`: 4 / 8 bits, AWQ-opt's with the default 2,048 Korean rows kept; none: FP16), then
 calibration (`en`: English only, as in the AWQ paper; `mix8`: the 8 languages, the default; `c64`, `c128`:
 64 or 128 sequences instead of 16; `ko2`: Korean tokens weigh 2 in the objectives); `ao`: GPTQ with
-act-order; `qi`: each layer calibrated on its quantized predecessors' outputs; `random`: as many
+act-order; `qi`: each layer calibrated on its quantized predecessors' outputs; `gs`: GPTQ's grids
+searched (each group's range shrunk where that lowers the expected error); `random`: as many
 random neurons as LAPE found (the control); `top4`: LAPE top-rate 0.04; `sens`: as many neurons, the
 most sensitive on Korean text (no LAPE); `lsens`: the most sensitive of the `top4` candidates. Tables merge
 the evals of every dated run on the same texts."""
