@@ -161,8 +161,10 @@ def gptq_quantize(
         blocks.append((first, cols))
         segment_end = dict(pairwise(bounds))
 
-    # The grids of kept-only groups (and, with act-order, of every group: the static grids).
-    scales, zeros = grid(w.float().reshape(rows, -1, g), keep.reshape(1, -1, g), columns)
+    # The grids of kept-only groups (and, with act-order, of every group: the static grids, the only ones
+    # up front worth searching; the loop below replaces every other group's).
+    upfront = w.float().reshape(rows, -1, g), keep.reshape(1, -1, g)
+    scales, zeros = grid(*upfront, columns) if act_order else group_params(*upfront)
     static_scales, static_zeros = scales.to(dtype), zeros.to(dtype)
     codes = torch.zeros(rows, cols, dtype=torch.int32)
     final = torch.empty_like(weight)
